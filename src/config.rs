@@ -1,0 +1,261 @@
+//! The standalone config file of `paynotify serve`: listeners, limits and routes whose keys
+//! come from files, environment variables or inline values.
+
+use crate::spec::{GoDuration, KeyMaterial, RouteSpec};
+use crate::table::{CompileError, ResolvedRoute, TableDocument};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where a key comes from in the config file: exactly one field is set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeySource {
+    /// A file, relative to the config file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// An environment variable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub env: Option<String>,
+    /// The value itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+}
+
+/// Server settings of the config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerSettings {
+    /// Where platforms post notifications.
+    pub listen: SocketAddr,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub admin_listen: SocketAddr,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+    /// Longest a request may take end to end, body read included.
+    pub request_timeout: Duration,
+    /// Most notifications remembered for deduplication.
+    pub dedup_max_entries: usize,
+    /// How long a delivered notification is remembered (at least 25h).
+    pub dedup_retention: Duration,
+}
+
+/// The platforms retry for about 25 hours; dedup must outlive that.
+pub const MIN_DEDUP_RETENTION: Duration = Duration::from_secs(25 * 3600);
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawConfig {
+    listen: SocketAddr,
+    #[serde(default = "default_admin")]
+    admin_listen: SocketAddr,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_request_timeout")]
+    request_timeout: GoDuration,
+    #[serde(default)]
+    dedup: RawDedup,
+    routes: Vec<serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawDedup {
+    #[serde(default = "default_dedup_entries")]
+    max_entries: usize,
+    #[serde(default = "default_dedup_retention")]
+    retention: GoDuration,
+}
+
+impl Default for RawDedup {
+    fn default() -> Self {
+        RawDedup { max_entries: default_dedup_entries(), retention: default_dedup_retention() }
+    }
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_max_body() -> usize {
+    256 * 1024
+}
+fn default_request_timeout() -> GoDuration {
+    GoDuration(Duration::from_secs(10))
+}
+fn default_dedup_entries() -> usize {
+    500_000
+}
+fn default_dedup_retention() -> GoDuration {
+    GoDuration(MIN_DEDUP_RETENTION)
+}
+
+/// Why a config file was refused; each line names the route and field where it applies.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// One or more problems in the content.
+    #[error("{path}:\n  {}", .problems.join("\n  "))]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Every problem found.
+        problems: Vec<String>,
+    },
+}
+
+/// A loaded config: server settings and the resolved routing document.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    /// Listener and limit settings.
+    pub server: ServerSettings,
+    /// Routes with their keys read.
+    pub document: TableDocument,
+}
+
+/// Reads and validates the file at `path`, resolving every key source. The document's
+/// generation is 0; the server numbers its loads.
+pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    parse(&text, base, &|name| std::env::var(name).ok()).map_err(|problems| ConfigError::Invalid { path: path.into(), problems })
+}
+
+/// Parses config text; file key sources are relative to `base`, env ones read with `env`.
+pub fn parse(text: &str, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<LoadedConfig, Vec<String>> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| vec![describe(&e)])?;
+    let mut problems = Vec::new();
+    if raw.max_body_bytes < 1024 || raw.max_body_bytes > 16 * 1024 * 1024 {
+        problems.push("maxBodyBytes: must be between 1024 and 16777216".to_string());
+    }
+    let request_timeout = raw.request_timeout.0;
+    if request_timeout < Duration::from_secs(1) || request_timeout > Duration::from_secs(120) {
+        problems.push("requestTimeout: must be between 1s and 2m".to_string());
+    }
+    if raw.dedup.retention.0 < MIN_DEDUP_RETENTION {
+        problems.push("dedup.retention: must be at least 25h (the platforms retry for about 25 hours)".to_string());
+    }
+    if raw.dedup.max_entries < 1000 {
+        problems.push("dedup.maxEntries: must be at least 1000".to_string());
+    }
+    if raw.listen == raw.admin_listen {
+        problems.push("adminListen: must differ from listen".to_string());
+    }
+    let mut routes = Vec::new();
+    for (i, value) in raw.routes.into_iter().enumerate() {
+        match parse_route(i, value, base, env) {
+            Ok(r) => routes.push(r),
+            Err(mut p) => problems.append(&mut p),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(LoadedConfig {
+        server: ServerSettings {
+            listen: raw.listen,
+            admin_listen: raw.admin_listen,
+            max_body_bytes: raw.max_body_bytes,
+            request_timeout,
+            dedup_max_entries: raw.dedup.max_entries,
+            dedup_retention: raw.dedup.retention.0,
+        },
+        document: TableDocument { generation: 0, routes },
+    })
+}
+
+fn describe<E: std::fmt::Display>(e: &serde_path_to_error::Error<E>) -> String {
+    let path = e.path().to_string();
+    if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) }
+}
+
+fn parse_route(
+    index: usize,
+    mut value: serde_yaml::Value,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ResolvedRoute, Vec<String>> {
+    let name = value
+        .as_mapping_mut()
+        .and_then(|m| m.remove("name"))
+        .and_then(|n| n.as_str().map(str::to_string))
+        .ok_or_else(|| vec![format!("routes[{index}]: every route needs a name")])?;
+    let spec: RouteSpec<KeySource> =
+        serde_path_to_error::deserialize(value).map_err(|e| vec![format!("route {name:?}: {}", describe(&e))])?;
+    let mut problems = Vec::new();
+    let resolved = spec.map_keys(|field, source| match resolve(source, base, env) {
+        Ok(bytes) => KeyMaterial(bytes),
+        Err(m) => {
+            problems.push(CompileError { route: name.clone(), field: field.into(), message: m }.to_string());
+            KeyMaterial(Vec::new())
+        }
+    });
+    if problems.is_empty() { Ok(ResolvedRoute { name, spec: resolved }) } else { Err(problems) }
+}
+
+fn resolve(source: &KeySource, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<u8>, String> {
+    match (&source.file, &source.env, &source.value) {
+        (Some(file), None, None) => {
+            let path = base.join(file);
+            std::fs::read(&path).map_err(|e| format!("cannot read key file {}: {e}", path.display()))
+        }
+        (None, Some(name), None) => {
+            env(name).map(String::into_bytes).ok_or_else(|| format!("environment variable {name} is not set"))
+        }
+        (None, None, Some(v)) => Ok(v.clone().into_bytes()),
+        _ => Err("give exactly one of file, env or value".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn errors_name_route_and_field() {
+        let text = r#"
+listen: 127.0.0.1:8080
+routes:
+  - name: a
+    path: /a
+    provider:
+      alipay: {appId: "1", signType: RSA3, publicKey: {value: x}}
+    targets: [{log: {}}]
+    signing: {secret: {value: s}}
+  - name: b
+    path: /b
+    provider:
+      wechatPayV2: {appId: wx, mchId: "1", signType: MD5, apiKey: {env: NOPE}}
+    targets: [{log: {}}]
+    signing: {secret: {file: missing.txt}}
+"#;
+        let problems = parse(text, Path::new("/nonexistent"), &no_env).unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].starts_with("route \"a\": provider.alipay.signType: unknown variant `RSA3`"), "{}", problems[0]);
+        assert!(problems[1].contains("route \"b\": provider.wechatPayV2.apiKey: environment variable NOPE is not set"));
+        assert!(problems[2].contains("route \"b\": signing.secret: cannot read key file"));
+    }
+
+    #[test]
+    fn defaults_and_limits() {
+        let ok = parse("listen: 127.0.0.1:8080\nroutes: []\n", Path::new("."), &no_env).unwrap();
+        assert_eq!(ok.server.max_body_bytes, 262144);
+        assert_eq!(ok.server.dedup_retention, MIN_DEDUP_RETENTION);
+        let bad = parse("listen: 127.0.0.1:8080\nmaxBodyBytes: 10\ndedup: {retention: 1h}\nroutes: []\n", Path::new("."), &no_env)
+            .unwrap_err();
+        assert_eq!(bad.len(), 2);
+        let unknown = parse("listen: 127.0.0.1:8080\nlisten2: x\nroutes: []\n", Path::new("."), &no_env).unwrap_err();
+        assert!(unknown[0].contains("unknown field `listen2`"), "{unknown:?}");
+    }
+}

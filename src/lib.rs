@@ -1,0 +1,8 @@
+//! paynotify: a verifying ingress for Alipay and WeChat Pay payment notifications.
+pub mod config;
+pub mod crypto;
+pub mod event;
+pub mod keys;
+pub mod provider;
+pub mod spec;
+pub mod table;

@@ -1,0 +1,294 @@
+//! WeChat Pay API v2 notifications: XML, MD5 or HMAC-SHA256 signatures, and refund
+//! notifications whose `req_info` is AES-256-ECB encrypted.
+
+use super::{
+    Incoming, Outcome, RejectReason, Rejection, Trace, Verified, china_time_to_rfc3339,
+    compact_china_time_to_rfc3339, xml,
+};
+use crate::crypto;
+use crate::event::{Amount, EventType};
+use crate::keys::{KeyError, parse_ascii_secret};
+use serde_json::{Map, Value};
+
+/// The signature types a route can be configured with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum WechatV2SignType {
+    /// MD5 over the string ending in `key=APIKEY`.
+    #[serde(rename = "MD5")]
+    Md5,
+    /// HMAC-SHA256 keyed with the API key over the same string.
+    #[serde(rename = "HMAC-SHA256")]
+    HmacSha256,
+}
+
+impl WechatV2SignType {
+    /// The name WeChat uses in `sign_type`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WechatV2SignType::Md5 => "MD5",
+            WechatV2SignType::HmacSha256 => "HMAC-SHA256",
+        }
+    }
+
+    fn hex_len(self) -> usize {
+        match self {
+            WechatV2SignType::Md5 => 32,
+            WechatV2SignType::HmacSha256 => 64,
+        }
+    }
+}
+
+/// WeChat Pay API keys are 32 characters.
+const API_KEY_LEN: usize = 32;
+
+/// A route's WeChat Pay v2 settings, compiled.
+pub struct WechatPayV2 {
+    app_id: Option<String>,
+    mch_id: Option<String>,
+    sign_type: WechatV2SignType,
+    api_key: Vec<u8>,
+    refund_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for WechatPayV2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WechatPayV2")
+            .field("app_id", &self.app_id)
+            .field("mch_id", &self.mch_id)
+            .field("sign_type", &self.sign_type)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The fixed answer WeChat expects, with CDATA sections.
+pub fn answer(code: &str, message: &str) -> String {
+    format!(
+        "<xml><return_code><![CDATA[{code}]]></return_code><return_msg><![CDATA[{}]]></return_msg></xml>",
+        message.replace("]]>", "]]]]><![CDATA[>")
+    )
+}
+
+impl WechatPayV2 {
+    /// Compiles the settings. The ids are `None` only for the offline `verify` command.
+    pub fn new(
+        app_id: Option<String>,
+        mch_id: Option<String>,
+        sign_type: WechatV2SignType,
+        api_key: &[u8],
+    ) -> Result<Self, KeyError> {
+        let api_key = parse_ascii_secret(api_key, API_KEY_LEN, "the WeChat Pay API key")?;
+        let refund_key = crypto::hex_lower(&crypto::md5(&api_key)).into_bytes();
+        Ok(WechatPayV2 { app_id, mch_id, sign_type, api_key, refund_key })
+    }
+
+    /// A short fingerprint of the API key, safe to show.
+    pub fn key_fingerprint(&self) -> String {
+        format!("SHA256:{}", &crypto::hex_lower(&crypto::sha256(&self.api_key))[..16])
+    }
+
+    pub(super) fn authenticate(&self, incoming: &Incoming<'_>) -> Outcome<Verified> {
+        self.run(incoming, &mut super::NoTrace)
+    }
+
+    /// The adapter's pipeline, observed by `trace`.
+    pub fn run<T: Trace>(&self, incoming: &Incoming<'_>, trace: &mut T) -> Outcome<Verified> {
+        let fields = xml::parse(incoming.body)?;
+        if T::ENABLED {
+            for (k, v) in &fields {
+                trace.field(k, v);
+            }
+        }
+        let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        if get("req_info").is_some() {
+            return self.refund(&fields, trace);
+        }
+        let sign = get("sign").filter(|s| !s.is_empty()).ok_or_else(|| {
+            Rejection::new(RejectReason::MissingSignature, "no sign element")
+        })?;
+        if let Some(declared) = get("sign_type").filter(|s| !s.is_empty()) {
+            if declared != self.sign_type.as_str() {
+                return Err(Rejection::new(
+                    RejectReason::SignTypeMismatch,
+                    format!("notification says sign_type={declared:?}, the route verifies {}", self.sign_type.as_str()),
+                ));
+            }
+        }
+        let content = sign_content(&fields, &self.api_key);
+        let expected = self.sign(&content);
+        if T::ENABLED {
+            let shown = content.len() - self.api_key.len();
+            let mut masked = content[..shown].to_vec();
+            masked.extend_from_slice(b"<API key>");
+            trace.signed_message(&masked);
+            trace.algorithm(match self.sign_type {
+                WechatV2SignType::Md5 => "MD5, upper-case hex",
+                WechatV2SignType::HmacSha256 => "HMAC-SHA256 keyed with the API key, upper-case hex",
+            });
+            trace.note(format!("API key fingerprint: {}", self.key_fingerprint()));
+        }
+        if !crypto::ct_eq(sign.as_bytes(), expected.as_bytes()) {
+            let other = match self.sign_type {
+                WechatV2SignType::Md5 => WechatV2SignType::HmacSha256,
+                WechatV2SignType::HmacSha256 => WechatV2SignType::Md5,
+            };
+            if sign.len() == other.hex_len() {
+                return Err(Rejection::new(
+                    RejectReason::SignTypeMismatch,
+                    format!("the sign has the length of {}, the route verifies {}", other.as_str(), self.sign_type.as_str()),
+                ));
+            }
+            return Err(Rejection::new(RejectReason::BadSignature, "signature does not match"));
+        }
+        self.check_merchant(get("appid"), get("mch_id"))?;
+        normalize_payment(&fields)
+    }
+
+    fn sign(&self, content: &[u8]) -> String {
+        match self.sign_type {
+            WechatV2SignType::Md5 => crypto::hex_upper(&crypto::md5(content)),
+            WechatV2SignType::HmacSha256 => crypto::hex_upper(&crypto::hmac_sha256(&self.api_key, content)),
+        }
+    }
+
+    fn check_merchant(&self, app_id: Option<&str>, mch_id: Option<&str>) -> Outcome<()> {
+        for (name, got, want) in [("appid", app_id, &self.app_id), ("mch_id", mch_id, &self.mch_id)] {
+            if let Some(want) = want {
+                if got != Some(want.as_str()) {
+                    return Err(Rejection::new(
+                        RejectReason::MerchantMismatch,
+                        format!("{name} {:?} is not the route's {want}", got.unwrap_or("")),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn refund<T: Trace>(&self, fields: &xml::Fields, trace: &mut T) -> Outcome<Verified> {
+        let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let failed = |detail: String| Rejection::new(RejectReason::DecryptFailed, detail);
+        let req_info = get("req_info").unwrap_or_default();
+        if T::ENABLED {
+            trace.algorithm("AES-256-ECB, key = lower-case hex MD5(API key), PKCS#7");
+            trace.note(format!("API key fingerprint: {}", self.key_fingerprint()));
+        }
+        let cipher = crypto::base64_decode(req_info.as_bytes()).ok_or_else(|| failed("req_info is not base64".into()))?;
+        let plain = crypto::aes256_ecb_decrypt(&self.refund_key, &cipher).map_err(|e| failed(format!("req_info: {e}")))?;
+        let inner = xml::parse(&plain).map_err(|e| failed(format!("req_info plaintext is not the expected XML: {e}")))?;
+        if T::ENABLED {
+            for (k, v) in &inner {
+                trace.field(&format!("req_info.{k}"), v);
+            }
+        }
+        if get("return_code") != Some("SUCCESS") {
+            return Err(Rejection::new(RejectReason::UnsupportedEvent, "return_code is not SUCCESS"));
+        }
+        self.check_merchant(get("appid"), get("mch_id"))?;
+        let inner_get = |name: &str| inner.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty());
+        let required = |name: &str| {
+            inner_get(name).ok_or_else(|| Rejection::new(RejectReason::Malformed, format!("req_info has no {name}")))
+        };
+        let status = required("refund_status")?;
+        let event_type = match status {
+            "SUCCESS" => EventType::RefundSucceeded,
+            "CHANGE" => EventType::RefundAbnormal,
+            "REFUNDCLOSE" => EventType::RefundClosed,
+            other => return Err(Rejection::new(RejectReason::UnsupportedEvent, format!("refund_status {other}"))),
+        };
+        let refund_id = required("refund_id")?;
+        let amount = fen_amount(required("refund_fee")?, "CNY", "refund_fee")?;
+        let mch_id = get("mch_id").unwrap_or_default();
+        let mut data: Map<String, Value> = fields
+            .iter()
+            .filter(|(k, _)| k != "req_info")
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        data.insert(
+            "req_info".into(),
+            Value::Object(inner.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect()),
+        );
+        Ok(Verified {
+            event_type,
+            dedup_key: format!("wechatpay-v2|{mch_id}|refund|{refund_id}|{status}"),
+            amount: Some(amount),
+            order_id: inner_get("out_trade_no").map(str::to_string),
+            transaction_id: inner_get("transaction_id").map(str::to_string),
+            refund_id: inner_get("out_refund_no").map(str::to_string),
+            platform_refund_id: Some(refund_id.to_string()),
+            status: status.to_string(),
+            occurred_at: inner_get("success_time").and_then(china_time_to_rfc3339),
+            data,
+        })
+    }
+}
+
+/// The signed string: fields sorted by name, empty values and `sign` left out, `k=v`
+/// joined with `&`, then `&key=APIKEY`.
+pub fn sign_content(fields: &[(String, String)], api_key: &[u8]) -> Vec<u8> {
+    let mut pairs: Vec<&(String, String)> =
+        fields.iter().filter(|(k, v)| k != "sign" && !v.is_empty()).collect();
+    pairs.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut out = Vec::new();
+    for (k, v) in pairs {
+        out.extend_from_slice(k.as_bytes());
+        out.push(b'=');
+        out.extend_from_slice(v.as_bytes());
+        out.push(b'&');
+    }
+    out.extend_from_slice(b"key=");
+    out.extend_from_slice(api_key);
+    out
+}
+
+fn fen_amount(text: &str, currency: &str, field: &str) -> Outcome<Amount> {
+    let value = text
+        .parse::<i64>()
+        .ok()
+        .filter(|v| *v >= 0 && text.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| Rejection::new(RejectReason::Malformed, format!("{field} is not an amount in fen")))?;
+    Ok(Amount { value, original: text.to_string(), currency: currency.to_string() })
+}
+
+fn normalize_payment(fields: &xml::Fields) -> Outcome<Verified> {
+    let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty());
+    let required = |name: &str| get(name).ok_or_else(|| Rejection::new(RejectReason::Malformed, format!("no {name}")));
+    if get("return_code") != Some("SUCCESS") {
+        return Err(Rejection::new(RejectReason::UnsupportedEvent, "return_code is not SUCCESS"));
+    }
+    let status = required("result_code")?;
+    let event_type = match status {
+        "SUCCESS" => EventType::PaymentSucceeded,
+        "FAIL" => EventType::PaymentFailed,
+        other => return Err(Rejection::new(RejectReason::UnsupportedEvent, format!("result_code {other}"))),
+    };
+    let out_trade_no = required("out_trade_no")?;
+    let transaction_id = get("transaction_id");
+    if event_type == EventType::PaymentSucceeded && transaction_id.is_none() {
+        return Err(Rejection::new(RejectReason::Malformed, "no transaction_id"));
+    }
+    let amount = get("total_fee")
+        .map(|t| fen_amount(t, get("fee_type").unwrap_or("CNY"), "total_fee"))
+        .transpose()?;
+    let mch_id = required("mch_id")?;
+    let appid = get("appid").unwrap_or_default();
+    let data: Map<String, Value> = fields
+        .iter()
+        .filter(|(k, _)| k != "sign")
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
+    Ok(Verified {
+        event_type,
+        dedup_key: format!(
+            "wechatpay-v2|{mch_id}|{appid}|{}|{status}",
+            transaction_id.unwrap_or(out_trade_no)
+        ),
+        amount,
+        order_id: Some(out_trade_no.to_string()),
+        transaction_id: transaction_id.map(str::to_string),
+        refund_id: None,
+        platform_refund_id: None,
+        status: status.to_string(),
+        occurred_at: get("time_end").and_then(compact_china_time_to_rfc3339),
+        data,
+    })
+}
