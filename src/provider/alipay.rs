@@ -119,7 +119,6 @@ impl Alipay {
         if T::ENABLED {
             trace.signed_message(&content);
             trace.algorithm(self.sign_type.hash().algorithm_name());
-            trace.note(format!("key: {} ({} bits, {:?})", self.key.fingerprint(), self.key.bits(), self.key.format));
         }
         let signature = crypto::base64_decode(sign).ok_or_else(|| {
             Rejection::new(RejectReason::BadSignature, "sign is not standard base64")

@@ -1,0 +1,126 @@
+//! The verifying ingress: one HTTP handler for every route's callback path, plus the admin
+//! listener (`/healthz`, `/readyz`, `/metrics`). `serve` and the cluster ingress share it.
+
+mod handler;
+pub mod metrics;
+pub mod server;
+
+use crate::delivery::Forwarder;
+use crate::delivery::dedup::Dedup;
+use crate::table::RoutingTable;
+use arc_swap::ArcSwap;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics::Metrics;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// Per-request limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest body read; larger requests get 413.
+    pub max_body_bytes: usize,
+    /// Longest a request may take, body read included.
+    pub request_timeout: Duration,
+}
+
+/// The wall clock, in unix seconds; replaceable so tests can replay captured requests.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or_default()
+    })
+}
+
+/// Shared state of the ingress.
+pub struct Ingress {
+    table: ArcSwap<RoutingTable>,
+    /// Exported metrics.
+    pub metrics: Metrics,
+    dedup: Dedup,
+    forwarder: Forwarder,
+    limits: Limits,
+    clock: Clock,
+    ready: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl std::fmt::Debug for Ingress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingress").field("limits", &self.limits).finish_non_exhaustive()
+    }
+}
+
+impl Ingress {
+    /// An ingress with no routes yet (not ready until the first table is installed).
+    pub fn new(limits: Limits, dedup: Dedup, forwarder: Forwarder, clock: Clock) -> Arc<Self> {
+        Arc::new(Ingress {
+            table: ArcSwap::from_pointee(RoutingTable::default()),
+            metrics: Metrics::new(),
+            dedup,
+            forwarder,
+            limits,
+            clock,
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// Installs a new table atomically: requests already running finish with the old one.
+    pub fn install(&self, table: RoutingTable) {
+        for route in table.routes() {
+            let targets: Vec<&str> = route.targets.iter().map(|t| t.label()).collect();
+            self.metrics.declare_route(&route.name, route.adapter.kind(), &targets);
+        }
+        self.metrics.table_generation.set(table.generation as i64);
+        self.metrics.table_routes.set(table.len() as i64);
+        self.table.store(Arc::new(table));
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    /// The table being served.
+    pub fn table(&self) -> Arc<RoutingTable> {
+        self.table.load_full()
+    }
+
+    /// Marks the ingress as shutting down: `/readyz` fails so load balancers move away.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// True once a table is installed and until draining starts.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The router for platform callbacks: every path goes to the notification handler.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new().fallback(handler::notify).with_state(self.clone())
+    }
+
+    /// The admin router: health, readiness and metrics.
+    pub fn admin_router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_text))
+            .with_state(self.clone())
+    }
+}
+
+async fn readyz(State(ingress): State<Arc<Ingress>>) -> (StatusCode, &'static str) {
+    if ingress.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+}
+
+async fn metrics_text(State(ingress): State<Arc<Ingress>>) -> ([(http::HeaderName, &'static str); 1], String) {
+    ingress.metrics.dedup_entries.set(ingress.dedup.len() as i64);
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], ingress.metrics.render())
+}

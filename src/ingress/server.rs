@@ -1,0 +1,157 @@
+//! Listeners, signals and reloads around the ingress: `paynotify serve`.
+
+use super::{Ingress, Limits, system_clock};
+use crate::config::{self, ConfigError, ServerSettings};
+use crate::delivery::Forwarder;
+use crate::delivery::dedup::Dedup;
+use crate::table::{self, CompileErrors, RoutingTable};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How long in-flight requests get to finish after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Slow clients get this long to send their request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why `serve` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The config file was refused at start.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The routes did not compile.
+    #[error("invalid routes:\n{0}")]
+    Compile(#[from] CompileErrors),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The HTTP client could not be built.
+    #[error("cannot build the delivery client: {0}")]
+    Client(#[from] reqwest::Error),
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Loads and compiles the config file, numbering the table `generation`.
+pub fn load_table(path: &Path, generation: u64) -> Result<(ServerSettings, RoutingTable), ServeError> {
+    let loaded = config::load(path)?;
+    let mut document = loaded.document;
+    document.generation = generation;
+    Ok((loaded.server, table::compile(&document)?))
+}
+
+/// Runs the standalone ingress until SIGTERM or SIGINT; SIGHUP reloads `config_path`.
+pub async fn serve(config_path: PathBuf) -> Result<(), ServeError> {
+    let (settings, table) = load_table(&config_path, 1)?;
+    let ingress = Ingress::new(
+        Limits { max_body_bytes: settings.max_body_bytes, request_timeout: settings.request_timeout },
+        Dedup::new(settings.dedup_retention, settings.dedup_max_entries),
+        Forwarder::new()?,
+        system_clock(),
+    );
+    let routes = table.len();
+    ingress.install(table);
+    let listener = bind(settings.listen).await?;
+    let admin = bind(settings.admin_listen).await?;
+    tracing::info!(listen = %settings.listen, admin = %settings.admin_listen, routes, "paynotify serving");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let main = tokio::spawn(run_listener(listener, ingress.router(), stop_rx.clone()));
+    let admin_task = tokio::spawn(run_listener(admin, ingress.admin_router(), stop_rx));
+
+    let mut hup = signal(tokio::signal::unix::SignalKind::hangup())?;
+    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut generation = 1;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                generation += 1;
+                reload(&ingress, &config_path, generation, &settings);
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    tracing::info!("shutting down: draining requests in flight");
+    ingress.start_draining();
+    let _ = stop_tx.send(true);
+    let _ = main.await;
+    let _ = admin_task.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Re-reads the config; a bad file is refused and counted, and the old table keeps serving.
+pub fn reload(ingress: &Ingress, path: &Path, generation: u64, running: &ServerSettings) {
+    match load_table(path, generation) {
+        Ok((settings, table)) => {
+            if settings != *running {
+                tracing::warn!("listener, limit and dedup settings change only on restart; routes were reloaded");
+            }
+            let routes = table.len();
+            ingress.install(table);
+            ingress.metrics.reloads.inc();
+            tracing::info!(generation, routes, "routing table reloaded");
+        }
+        Err(e) => {
+            ingress.metrics.reload_errors.inc();
+            tracing::error!(error = %e, "reload refused; the previous routing table keeps serving");
+        }
+    }
+}
+
+fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, ServeError> {
+    tokio::signal::unix::signal(kind).map_err(ServeError::Signals)
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// Accepts connections until `stop` turns true, then waits for open connections to finish
+/// (at most [`DRAIN_TIMEOUT`]).
+pub async fn run_listener(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of file descriptors and similar: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = TowerToHyperService::new(router.clone());
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = async { let _ = stop.wait_for(|s| *s).await; } => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("drain timeout: closing connections still open");
+    }
+}
