@@ -69,7 +69,10 @@ struct RawDedup {
 
 impl Default for RawDedup {
     fn default() -> Self {
-        RawDedup { max_entries: default_dedup_entries(), retention: default_dedup_retention() }
+        RawDedup {
+            max_entries: default_dedup_entries(),
+            retention: default_dedup_retention(),
+        }
     }
 }
 
@@ -122,13 +125,23 @@ pub struct LoadedConfig {
 /// Reads and validates the file at `path`, resolving every key source. The document's
 /// generation is 0; the server numbers its loads.
 pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    parse(&text, base, &|name| std::env::var(name).ok()).map_err(|problems| ConfigError::Invalid { path: path.into(), problems })
+    parse(&text, base, &|name| std::env::var(name).ok()).map_err(|problems| ConfigError::Invalid {
+        path: path.into(),
+        problems,
+    })
 }
 
 /// Parses config text; file key sources are relative to `base`, env ones read with `env`.
-pub fn parse(text: &str, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<LoadedConfig, Vec<String>> {
+pub fn parse(
+    text: &str,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<LoadedConfig, Vec<String>> {
     let de = serde_yaml::Deserializer::from_str(text);
     let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| vec![describe(&e)])?;
     let mut problems = Vec::new();
@@ -140,7 +153,10 @@ pub fn parse(text: &str, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> R
         problems.push("requestTimeout: must be between 1s and 2m".to_string());
     }
     if raw.dedup.retention.0 < MIN_DEDUP_RETENTION {
-        problems.push("dedup.retention: must be at least 25h (the platforms retry for about 25 hours)".to_string());
+        problems.push(
+            "dedup.retention: must be at least 25h (the platforms retry for about 25 hours)"
+                .to_string(),
+        );
     }
     if raw.dedup.max_entries < 1000 {
         problems.push("dedup.maxEntries: must be at least 1000".to_string());
@@ -167,13 +183,20 @@ pub fn parse(text: &str, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> R
             dedup_max_entries: raw.dedup.max_entries,
             dedup_retention: raw.dedup.retention.0,
         },
-        document: TableDocument { generation: 0, routes },
+        document: TableDocument {
+            generation: 0,
+            routes,
+        },
     })
 }
 
 fn describe<E: std::fmt::Display>(e: &serde_path_to_error::Error<E>) -> String {
     let path = e.path().to_string();
-    if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) }
+    if path == "." {
+        e.inner().to_string()
+    } else {
+        format!("{path}: {}", e.inner())
+    }
 }
 
 fn parse_route(
@@ -187,28 +210,47 @@ fn parse_route(
         .and_then(|m| m.remove("name"))
         .and_then(|n| n.as_str().map(str::to_string))
         .ok_or_else(|| vec![format!("routes[{index}]: every route needs a name")])?;
-    let spec: RouteSpec<KeySource> =
-        serde_path_to_error::deserialize(value).map_err(|e| vec![format!("route {name:?}: {}", describe(&e))])?;
+    let spec: RouteSpec<KeySource> = serde_path_to_error::deserialize(value)
+        .map_err(|e| vec![format!("route {name:?}: {}", describe(&e))])?;
     let mut problems = Vec::new();
     let resolved = spec.map_keys(|field, source| match resolve(source, base, env) {
         Ok(bytes) => KeyMaterial(bytes),
         Err(m) => {
-            problems.push(CompileError { route: name.clone(), field: field.into(), message: m }.to_string());
+            problems.push(
+                CompileError {
+                    route: name.clone(),
+                    field: field.into(),
+                    message: m,
+                }
+                .to_string(),
+            );
             KeyMaterial(Vec::new())
         }
     });
-    if problems.is_empty() { Ok(ResolvedRoute { name, spec: resolved }) } else { Err(problems) }
+    if problems.is_empty() {
+        Ok(ResolvedRoute {
+            name,
+            spec: resolved,
+        })
+    } else {
+        Err(problems)
+    }
 }
 
-fn resolve(source: &KeySource, base: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<u8>, String> {
+fn resolve(
+    source: &KeySource,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Vec<u8>, String> {
     match (&source.file, &source.env, &source.value) {
         (Some(file), None, None) => {
             let path = base.join(file);
-            std::fs::read(&path).map_err(|e| format!("cannot read key file {}: {e}", path.display()))
+            std::fs::read(&path)
+                .map_err(|e| format!("cannot read key file {}: {e}", path.display()))
         }
-        (None, Some(name), None) => {
-            env(name).map(String::into_bytes).ok_or_else(|| format!("environment variable {name} is not set"))
-        }
+        (None, Some(name), None) => env(name)
+            .map(String::into_bytes)
+            .ok_or_else(|| format!("environment variable {name} is not set")),
         (None, None, Some(v)) => Ok(v.clone().into_bytes()),
         _ => Err("give exactly one of file, env or value".into()),
     }
@@ -242,20 +284,44 @@ routes:
 "#;
         let problems = parse(text, Path::new("/nonexistent"), &no_env).unwrap_err();
         assert_eq!(problems.len(), 3, "{problems:?}");
-        assert!(problems[0].starts_with("route \"a\": provider.alipay.signType: unknown variant `RSA3`"), "{}", problems[0]);
-        assert!(problems[1].contains("route \"b\": provider.wechatPayV2.apiKey: environment variable NOPE is not set"));
+        assert!(
+            problems[0]
+                .starts_with("route \"a\": provider.alipay.signType: unknown variant `RSA3`"),
+            "{}",
+            problems[0]
+        );
+        assert!(problems[1].contains(
+            "route \"b\": provider.wechatPayV2.apiKey: environment variable NOPE is not set"
+        ));
         assert!(problems[2].contains("route \"b\": signing.secret: cannot read key file"));
     }
 
     #[test]
     fn defaults_and_limits() {
-        let ok = parse("listen: 127.0.0.1:8080\nroutes: []\n", Path::new("."), &no_env).unwrap();
+        let ok = parse(
+            "listen: 127.0.0.1:8080\nroutes: []\n",
+            Path::new("."),
+            &no_env,
+        )
+        .unwrap();
         assert_eq!(ok.server.max_body_bytes, 262144);
         assert_eq!(ok.server.dedup_retention, MIN_DEDUP_RETENTION);
-        let bad = parse("listen: 127.0.0.1:8080\nmaxBodyBytes: 10\ndedup: {retention: 1h}\nroutes: []\n", Path::new("."), &no_env)
-            .unwrap_err();
+        let bad = parse(
+            "listen: 127.0.0.1:8080\nmaxBodyBytes: 10\ndedup: {retention: 1h}\nroutes: []\n",
+            Path::new("."),
+            &no_env,
+        )
+        .unwrap_err();
         assert_eq!(bad.len(), 2);
-        let unknown = parse("listen: 127.0.0.1:8080\nlisten2: x\nroutes: []\n", Path::new("."), &no_env).unwrap_err();
-        assert!(unknown[0].contains("unknown field `listen2`"), "{unknown:?}");
+        let unknown = parse(
+            "listen: 127.0.0.1:8080\nlisten2: x\nroutes: []\n",
+            Path::new("."),
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(
+            unknown[0].contains("unknown field `listen2`"),
+            "{unknown:?}"
+        );
     }
 }

@@ -67,7 +67,9 @@ pub struct RsaVerifier {
 
 impl std::fmt::Debug for RsaVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RsaVerifier").field("hash", &self.hash).finish_non_exhaustive()
+        f.debug_struct("RsaVerifier")
+            .field("hash", &self.hash)
+            .finish_non_exhaustive()
     }
 }
 
@@ -123,7 +125,10 @@ pub fn diagnose_rsa(spki_der: &[u8], hash: RsaHash, message: &[u8], sig: &[u8]) 
     };
     let k = key.size();
     if sig.len() != k {
-        return RsaDiagnosis::WrongLength { got: sig.len(), want: k };
+        return RsaDiagnosis::WrongLength {
+            got: sig.len(),
+            want: k,
+        };
     }
     let m = rsa::BoxedUint::from_be_slice(sig, key.n().bits_precision());
     let Ok(m) = m else {
@@ -233,14 +238,17 @@ pub enum DecryptError {
 
 /// AES-256-ECB decryption with strict PKCS#7 unpadding (every pad byte checked).
 pub fn aes256_ecb_decrypt(key: &[u8], data: &[u8]) -> Result<Vec<u8>, DecryptError> {
-    let key: [u8; 32] = key.try_into().map_err(|_| DecryptError::BadKey(key.len()))?;
-    if data.is_empty() || data.len() % 16 != 0 {
+    let key: [u8; 32] = key
+        .try_into()
+        .map_err(|_| DecryptError::BadKey(key.len()))?;
+    if data.is_empty() || !data.len().is_multiple_of(16) {
         return Err(DecryptError::BadLength(data.len()));
     }
     let cipher = Aes256::new(&Array::from(key));
     let mut out = Vec::with_capacity(data.len());
     for chunk in data.chunks_exact(16) {
-        let mut block = Array::<u8, _>::try_from(chunk).map_err(|_| DecryptError::BadLength(data.len()))?;
+        let mut block =
+            Array::<u8, _>::try_from(chunk).map_err(|_| DecryptError::BadLength(data.len()))?;
         cipher.decrypt_block(&mut block);
         out.extend_from_slice(&block);
     }
@@ -269,13 +277,19 @@ pub fn aes256_gcm_open(
     if key.len() != 32 {
         return Err(DecryptError::BadKey(key.len()));
     }
-    let nonce: [u8; 12] = nonce.try_into().map_err(|_| DecryptError::BadNonce(nonce.len()))?;
-    let unbound =
-        aead::UnboundKey::new(&aead::AES_256_GCM, key).map_err(|_| DecryptError::BadKey(key.len()))?;
+    let nonce: [u8; 12] = nonce
+        .try_into()
+        .map_err(|_| DecryptError::BadNonce(nonce.len()))?;
+    let unbound = aead::UnboundKey::new(&aead::AES_256_GCM, key)
+        .map_err(|_| DecryptError::BadKey(key.len()))?;
     let key = aead::LessSafeKey::new(unbound);
     let mut buf = data.to_vec();
     let plain = key
-        .open_in_place(aead::Nonce::assume_unique_for_key(nonce), aead::Aad::from(aad), &mut buf)
+        .open_in_place(
+            aead::Nonce::assume_unique_for_key(nonce),
+            aead::Aad::from(aad),
+            &mut buf,
+        )
         .map_err(|_| DecryptError::TagMismatch)?;
     let len = plain.len();
     buf.truncate(len);
@@ -289,15 +303,27 @@ mod tests {
     #[test]
     fn ecb_rejects_bad_padding_and_lengths() {
         let key = [7u8; 32];
-        assert_eq!(aes256_ecb_decrypt(&key, &[]), Err(DecryptError::BadLength(0)));
-        assert_eq!(aes256_ecb_decrypt(&key, &[0; 15]), Err(DecryptError::BadLength(15)));
-        assert_eq!(aes256_ecb_decrypt(&key[..31], &[0; 16]), Err(DecryptError::BadKey(31)));
+        assert_eq!(
+            aes256_ecb_decrypt(&key, &[]),
+            Err(DecryptError::BadLength(0))
+        );
+        assert_eq!(
+            aes256_ecb_decrypt(&key, &[0; 15]),
+            Err(DecryptError::BadLength(15))
+        );
+        assert_eq!(
+            aes256_ecb_decrypt(&key[..31], &[0; 16]),
+            Err(DecryptError::BadKey(31))
+        );
     }
 
     #[test]
     fn gcm_rejects_bad_nonce() {
         let key = [1u8; 32];
-        assert_eq!(aes256_gcm_open(&key, b"short", b"", &[0; 32]), Err(DecryptError::BadNonce(5)));
+        assert_eq!(
+            aes256_gcm_open(&key, b"short", b"", &[0; 32]),
+            Err(DecryptError::BadNonce(5))
+        );
         assert_eq!(
             aes256_gcm_open(&key, b"123456789012", b"", &[0; 32]),
             Err(DecryptError::TagMismatch)

@@ -108,7 +108,10 @@ pub struct PaymentEvent {
 
 /// The event id for a dedup key: `evt_` and 32 hex digits of its SHA-256.
 pub fn event_id(dedup_key: &str) -> String {
-    format!("evt_{}", &crypto::hex_lower(&crypto::sha256(dedup_key.as_bytes()))[..32])
+    format!(
+        "evt_{}",
+        &crypto::hex_lower(&crypto::sha256(dedup_key.as_bytes()))[..32]
+    )
 }
 
 impl PaymentEvent {
@@ -137,7 +140,10 @@ impl PaymentEvent {
 pub fn rfc3339_utc(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
 }
 
@@ -157,14 +163,19 @@ pub const MIN_SECRET_BYTES: usize = 24;
 impl WebhookSecret {
     /// Parses `whsec_<base64>`; refuses other forms and short secrets.
     pub fn parse(text: &[u8]) -> Result<Self, String> {
-        let text = std::str::from_utf8(text).map_err(|_| "the secret is not text".to_string())?.trim();
+        let text = std::str::from_utf8(text)
+            .map_err(|_| "the secret is not text".to_string())?
+            .trim();
         let b64 = text
             .strip_prefix("whsec_")
             .ok_or_else(|| "the secret must look like whsec_<base64>".to_string())?;
         let key = crypto::base64_decode(b64.as_bytes())
             .ok_or_else(|| "the part after whsec_ is not standard base64".to_string())?;
         if key.len() < MIN_SECRET_BYTES {
-            return Err(format!("the secret is too short: {} bytes, at least {MIN_SECRET_BYTES}", key.len()));
+            return Err(format!(
+                "the secret is too short: {} bytes, at least {MIN_SECRET_BYTES}",
+                key.len()
+            ));
         }
         Ok(WebhookSecret(key))
     }
@@ -177,13 +188,18 @@ impl WebhookSecret {
         msg.extend_from_slice(timestamp.to_string().as_bytes());
         msg.push(b'.');
         msg.extend_from_slice(body);
-        format!("v1,{}", crypto::base64_encode(&crypto::hmac_sha256(&self.0, &msg)))
+        format!(
+            "v1,{}",
+            crypto::base64_encode(&crypto::hmac_sha256(&self.0, &msg))
+        )
     }
 
     /// Checks a `webhook-signature` header value (space-separated list), in constant time.
     pub fn verify(&self, id: &str, timestamp: i64, body: &[u8], header: &str) -> bool {
         let expected = self.sign(id, timestamp, body);
-        header.split(' ').any(|sig| crypto::ct_eq(sig.as_bytes(), expected.as_bytes()))
+        header
+            .split(' ')
+            .any(|sig| crypto::ct_eq(sig.as_bytes(), expected.as_bytes()))
     }
 }
 
@@ -198,14 +214,23 @@ mod tests {
         let body = br#"{"test": 2432232314}"#;
         let sig = secret.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
-        assert!(secret.verify("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body, &format!("v1,bogus {sig}")));
+        assert!(secret.verify(
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            body,
+            &format!("v1,bogus {sig}")
+        ));
         assert!(!secret.verify("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265331, body, &sig));
     }
 
     #[test]
     fn secrets_are_checked() {
         assert!(WebhookSecret::parse(b"MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").is_err());
-        assert!(WebhookSecret::parse(b"whsec_c2hvcnQ=").unwrap_err().contains("too short"));
+        assert!(
+            WebhookSecret::parse(b"whsec_c2hvcnQ=")
+                .unwrap_err()
+                .contains("too short")
+        );
         assert!(WebhookSecret::parse(b"whsec_***").is_err());
     }
 

@@ -79,7 +79,11 @@ impl Trace for Inspection {
 /// Runs the check; returns the report and whether the request verifies.
 pub fn verify(req: &VerifyRequest) -> Result<(String, bool), VerifyError> {
     let setup = |e: String| VerifyError::Setup(e);
-    let incoming = Incoming { headers: &req.headers, body: &req.body, now: req.now };
+    let incoming = Incoming {
+        headers: &req.headers,
+        body: &req.body,
+        now: req.now,
+    };
     let mut trace = Inspection::default();
     let mut header = Vec::new();
     let verdict: Outcome<Verified> = match req.provider {
@@ -88,10 +92,19 @@ pub fn verify(req: &VerifyRequest) -> Result<(String, bool), VerifyError> {
             let sign_type = match req.sign_type.as_deref().unwrap_or("RSA2") {
                 "RSA2" => AlipaySignType::Rsa2,
                 "RSA" => AlipaySignType::Rsa,
-                other => return Err(setup(format!("--sign-type for Alipay is RSA2 or RSA, not {other}"))),
+                other => {
+                    return Err(setup(format!(
+                        "--sign-type for Alipay is RSA2 or RSA, not {other}"
+                    )));
+                }
             };
-            let adapter = Alipay::new(req.app_id.clone(), sign_type, key, req.root_certificate.as_deref())
-                .map_err(|e| setup(format!("key: {e}")))?;
+            let adapter = Alipay::new(
+                req.app_id.clone(),
+                sign_type,
+                key,
+                req.root_certificate.as_deref(),
+            )
+            .map_err(|e| setup(format!("key: {e}")))?;
             describe_key(&mut header, adapter.key());
             if let Some(sn) = adapter.root_cert_sn() {
                 header.push(format!("alipay_root_cert_sn: {sn}"));
@@ -103,20 +116,36 @@ pub fn verify(req: &VerifyRequest) -> Result<(String, bool), VerifyError> {
             let sign_type = match req.sign_type.as_deref().unwrap_or("MD5") {
                 "MD5" => WechatV2SignType::Md5,
                 "HMAC-SHA256" => WechatV2SignType::HmacSha256,
-                other => return Err(setup(format!("--sign-type for WeChat Pay v2 is MD5 or HMAC-SHA256, not {other}"))),
+                other => {
+                    return Err(setup(format!(
+                        "--sign-type for WeChat Pay v2 is MD5 or HMAC-SHA256, not {other}"
+                    )));
+                }
             };
             let adapter = WechatPayV2::new(req.app_id.clone(), req.mch_id.clone(), sign_type, key)
                 .map_err(|e| setup(format!("key: {e}")))?;
             adapter.run(&incoming, &mut trace)
         }
         ProviderKind::WechatPayV3 => {
-            let api_v3_key = req.api_v3_key.as_deref().ok_or_else(|| setup("WeChat Pay APIv3 needs --api-v3-key to decrypt the resource".into()))?;
+            let api_v3_key = req.api_v3_key.as_deref().ok_or_else(|| {
+                setup("WeChat Pay APIv3 needs --api-v3-key to decrypt the resource".into())
+            })?;
             if req.keys.is_empty() {
-                return Err(setup("give the platform certificate(s) or the public key with --key".into()));
+                return Err(setup(
+                    "give the platform certificate(s) or the public key with --key".into(),
+                ));
             }
-            let (certs, public_key): (Vec<Vec<u8>>, Option<(&str, &[u8])>) = match &req.public_key_id {
-                Some(id) => (Vec::new(), Some((id.as_str(), single(&req.keys, "one public key with --public-key-id")?))),
-                None => (req.keys.clone(), None),
+            let public_key = match &req.public_key_id {
+                Some(id) => Some((
+                    id.as_str(),
+                    single(&req.keys, "one public key with --public-key-id")?,
+                )),
+                None => None,
+            };
+            let certs = if public_key.is_some() {
+                Vec::new()
+            } else {
+                req.keys.clone()
             };
             let adapter = WechatPayV3::new(
                 req.mch_id.clone(),
@@ -142,14 +171,24 @@ pub fn verify(req: &VerifyRequest) -> Result<(String, bool), VerifyError> {
 fn single<'a>(keys: &'a [Vec<u8>], what: &str) -> Result<&'a [u8], VerifyError> {
     match keys {
         [one] => Ok(one),
-        _ => Err(VerifyError::Setup(format!("give exactly one --key: {what}"))),
+        _ => Err(VerifyError::Setup(format!(
+            "give exactly one --key: {what}"
+        ))),
     }
 }
 
 fn describe_key(out: &mut Vec<String>, key: &RsaPublicKey) {
-    out.push(format!("  key fingerprint: {} ({} bits, given as {:?})", key.fingerprint(), key.bits(), key.format));
+    out.push(format!(
+        "  key fingerprint: {} ({} bits, given as {:?})",
+        key.fingerprint(),
+        key.bits(),
+        key.format
+    ));
     if let Some(cert) = &key.certificate {
-        out.push(format!("  certificate serial: {} (decimal {})", cert.serial_hex, cert.serial_decimal));
+        out.push(format!(
+            "  certificate serial: {} (decimal {})",
+            cert.serial_hex, cert.serial_decimal
+        ));
         out.push(format!("  certificate subject: {}", cert.subject));
         out.push(format!("  certificate issuer: {}", cert.issuer));
         out.push(format!("  alipay_cert_sn: {}", cert.alipay_sn));
@@ -169,12 +208,23 @@ fn show_bytes(bytes: &[u8]) -> String {
     } else {
         bytes
             .iter()
-            .map(|&b| if (0x20..0x7f).contains(&b) && b != b'\\' { (b as char).to_string() } else { format!("\\x{b:02x}") })
+            .map(|&b| {
+                if (0x20..0x7f).contains(&b) && b != b'\\' {
+                    (b as char).to_string()
+                } else {
+                    format!("\\x{b:02x}")
+                }
+            })
             .collect()
     }
 }
 
-fn render(req: &VerifyRequest, header: &[String], t: &Inspection, verdict: &Outcome<Verified>) -> (String, bool) {
+fn render(
+    req: &VerifyRequest,
+    header: &[String],
+    t: &Inspection,
+    verdict: &Outcome<Verified>,
+) -> (String, bool) {
     let mut out = String::new();
     let _ = writeln!(out, "provider: {}", req.provider.as_str());
     for line in header {
@@ -191,17 +241,38 @@ fn render(req: &VerifyRequest, header: &[String], t: &Inspection, verdict: &Outc
         let _ = writeln!(out, "{note}");
     }
     if let Some(signed) = &t.signed {
-        let _ = writeln!(out, "signed string ({} bytes, shown escaped):\n  \"{}\"", signed.len(), show_bytes(signed));
+        let _ = writeln!(
+            out,
+            "signed string ({} bytes, shown escaped):\n  \"{}\"",
+            signed.len(),
+            show_bytes(signed)
+        );
     }
     match verdict {
         Ok(v) => {
             let _ = writeln!(out, "verdict: VERIFIED");
-            let _ = writeln!(out, "event: {} {} amount={:?} order={:?}", v.event_type.as_str(), v.status, v.amount.as_ref().map(|a| a.value), v.order_id);
+            let _ = writeln!(
+                out,
+                "event: {} {} amount={:?} order={:?}",
+                v.event_type.as_str(),
+                v.status,
+                v.amount.as_ref().map(|a| a.value),
+                v.order_id
+            );
             (out, true)
         }
         Err(rejection) => {
-            let _ = writeln!(out, "verdict: REJECTED ({}): {}", rejection.reason.as_str(), rejection.detail);
-            let _ = writeln!(out, "most likely reason: {}", likely_reason(req, t, rejection.reason));
+            let _ = writeln!(
+                out,
+                "verdict: REJECTED ({}): {}",
+                rejection.reason.as_str(),
+                rejection.detail
+            );
+            let _ = writeln!(
+                out,
+                "most likely reason: {}",
+                likely_reason(req, t, rejection.reason)
+            );
             (out, false)
         }
     }
@@ -249,9 +320,9 @@ pub fn parse_headers(text: &str) -> Result<http::HeaderMap, VerifyError> {
         if line.trim().is_empty() || line.starts_with("HTTP/") || line.starts_with("POST ") {
             continue;
         }
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| VerifyError::Setup(format!("header line {line:?} is not Name: value")))?;
+        let (name, value) = line.split_once(':').ok_or_else(|| {
+            VerifyError::Setup(format!("header line {line:?} is not Name: value"))
+        })?;
         let name = http::HeaderName::from_bytes(name.trim().as_bytes())
             .map_err(|_| VerifyError::Setup(format!("bad header name {name:?}")))?;
         let value = http::HeaderValue::from_str(value.trim())

@@ -90,7 +90,9 @@ pub enum KeyFormat {
 impl RsaPublicKey {
     /// Parses any supported encoding: base64 SPKI, PEM SPKI, PEM PKCS#1 or a PEM certificate.
     pub fn parse(input: &[u8]) -> Result<Self, KeyError> {
-        let text = std::str::from_utf8(input).map_err(|_| KeyError::NotPemOrBase64)?.trim();
+        let text = std::str::from_utf8(input)
+            .map_err(|_| KeyError::NotPemOrBase64)?
+            .trim();
         if text.contains("-----BEGIN") {
             let block = first_pem_block(text)?;
             return match block.label.as_str() {
@@ -130,7 +132,8 @@ impl RsaPublicKey {
     }
 
     fn from_certificate(der: &[u8], format: KeyFormat) -> Result<Self, KeyError> {
-        let cert = Certificate::from_der(der).map_err(|e| KeyError::BadCertificate(e.to_string()))?;
+        let cert =
+            Certificate::from_der(der).map_err(|e| KeyError::BadCertificate(e.to_string()))?;
         let info = certificate_info(&cert)?;
         let spki = cert
             .tbs_certificate()
@@ -152,7 +155,12 @@ impl RsaPublicKey {
             .map_err(|e| KeyError::NotRsa(e.to_string()))?
             .as_bytes()
             .to_vec();
-        Ok(RsaPublicKey { spki_der, bits: key.n().bit_width() as usize, certificate, format })
+        Ok(RsaPublicKey {
+            spki_der,
+            bits: key.n().bit_width() as usize,
+            certificate,
+            format,
+        })
     }
 
     /// Modulus size in bits.
@@ -168,13 +176,19 @@ impl RsaPublicKey {
     /// `SHA256:<hex>` of the SubjectPublicKeyInfo DER: the same value for every encoding
     /// of the same key.
     pub fn fingerprint(&self) -> String {
-        format!("SHA256:{}", crypto::hex_lower(&crypto::sha256(&self.spki_der)))
+        format!(
+            "SHA256:{}",
+            crypto::hex_lower(&crypto::sha256(&self.spki_der))
+        )
     }
 
     /// A verifier for `hash`, refusing keys shorter than `min_bits`.
     pub fn verifier(&self, hash: RsaHash, min_bits: usize) -> Result<RsaVerifier, KeyError> {
         if self.bits < min_bits {
-            return Err(KeyError::TooShort { bits: self.bits, min: min_bits });
+            return Err(KeyError::TooShort {
+                bits: self.bits,
+                min: min_bits,
+            });
         }
         RsaVerifier::new(&self.spki_der, hash).map_err(KeyError::NotRsa)
     }
@@ -196,7 +210,9 @@ pub fn pem_blocks(text: &str) -> Result<Vec<PemBlock>, KeyError> {
     let mut rest = text;
     while let Some(start) = rest.find("-----BEGIN ") {
         let after = &rest[start + 11..];
-        let label_end = after.find("-----").ok_or_else(|| KeyError::BadPem("BEGIN line not closed".into()))?;
+        let label_end = after
+            .find("-----")
+            .ok_or_else(|| KeyError::BadPem("BEGIN line not closed".into()))?;
         let label = after[..label_end].to_string();
         let body_start = &after[label_end + 5..];
         let end_marker = format!("-----END {label}-----");
@@ -205,7 +221,9 @@ pub fn pem_blocks(text: &str) -> Result<Vec<PemBlock>, KeyError> {
             .ok_or_else(|| KeyError::BadPem(format!("no END line for {label}")))?;
         let body = &body_start[..end];
         if body.contains(':') {
-            return Err(KeyError::BadPem(format!("{label} has headers (encrypted keys are not supported)")));
+            return Err(KeyError::BadPem(format!(
+                "{label} has headers (encrypted keys are not supported)"
+            )));
         }
         let compact: String = body.split_whitespace().collect();
         let der = crypto::base64_decode(compact.as_bytes())
@@ -230,7 +248,8 @@ pub fn parse_certificate_pem(input: &[u8]) -> Result<CertificateInfo, KeyError> 
     if block.label != "CERTIFICATE" {
         return Err(KeyError::UnsupportedPem(block.label));
     }
-    let cert = Certificate::from_der(&block.der).map_err(|e| KeyError::BadCertificate(e.to_string()))?;
+    let cert =
+        Certificate::from_der(&block.der).map_err(|e| KeyError::BadCertificate(e.to_string()))?;
     certificate_info(&cert)
 }
 
@@ -240,8 +259,13 @@ pub fn parse_certificate_pem(input: &[u8]) -> Result<CertificateInfo, KeyError> 
 pub fn alipay_root_cert_sn(bundle: &[u8]) -> Result<String, KeyError> {
     let text = std::str::from_utf8(bundle).map_err(|_| KeyError::BadPem("not UTF-8".into()))?;
     let mut sns = Vec::new();
-    for block in pem_blocks(text)?.into_iter().filter(|b| b.label == "CERTIFICATE") {
-        let Ok(cert) = Certificate::from_der(&block.der) else { continue };
+    for block in pem_blocks(text)?
+        .into_iter()
+        .filter(|b| b.label == "CERTIFICATE")
+    {
+        let Ok(cert) = Certificate::from_der(&block.der) else {
+            continue;
+        };
         if !is_rsa_signature(&cert.signature_algorithm().oid.to_string()) {
             continue;
         }
@@ -250,7 +274,9 @@ pub fn alipay_root_cert_sn(bundle: &[u8]) -> Result<String, KeyError> {
         }
     }
     if sns.is_empty() {
-        return Err(KeyError::BadCertificate("no RSA-signed certificate in the root bundle".into()));
+        return Err(KeyError::BadCertificate(
+            "no RSA-signed certificate in the root bundle".into(),
+        ));
     }
     Ok(sns.join("_"))
 }
@@ -278,7 +304,11 @@ fn certificate_info(cert: &Certificate) -> Result<CertificateInfo, KeyError> {
     let alipay_sn = crypto::hex_lower(&crypto::md5(format!("{issuer}{serial_decimal}").as_bytes()));
     let trimmed: &[u8] = {
         let z = serial.iter().take_while(|&&b| b == 0).count();
-        if z == serial.len() { &serial[serial.len().saturating_sub(1)..] } else { &serial[z..] }
+        if z == serial.len() {
+            &serial[serial.len().saturating_sub(1)..]
+        } else {
+            &serial[z..]
+        }
     };
     let validity = tbs.validity();
     Ok(CertificateInfo {
@@ -366,14 +396,23 @@ pub fn go_name_string(rdns: &x509_cert::name::RdnSequence) -> Result<String, Key
         for atv in rdn.iter() {
             let value = match decode_directory_string(&atv.value) {
                 Some(s) => Ok(s),
-                None => Err(atv.value.to_der().map_err(|e| KeyError::BadCertificate(e.to_string()))?),
+                None => Err(atv
+                    .value
+                    .to_der()
+                    .map_err(|e| KeyError::BadCertificate(e.to_string()))?),
             };
-            names.push(GoAttr { oid: atv.oid.to_string(), value });
+            names.push(GoAttr {
+                oid: atv.oid.to_string(),
+                value,
+            });
         }
     }
     // FillFromRDNSequence: named string attributes go to fields (CN and SERIALNUMBER keep the
     // last value, the others accumulate).
-    let mut fields: Vec<(u32, Vec<String>)> = GO_NAMED_ORDER.iter().map(|(a, _)| (*a, Vec::new())).collect();
+    let mut fields: Vec<(u32, Vec<String>)> = GO_NAMED_ORDER
+        .iter()
+        .map(|(a, _)| (*a, Vec::new()))
+        .collect();
     for attr in &names {
         if let (Some(arc), Ok(v)) = (named_arc(&attr.oid), &attr.value) {
             let slot = &mut fields.iter_mut().find(|(a, _)| *a == arc).map(|(_, v)| v);
@@ -394,16 +433,30 @@ pub fn go_name_string(rdns: &x509_cert::name::RdnSequence) -> Result<String, Key
         seq.push(vec![(attr.oid.clone(), unknown_attr_value(&attr.value))]);
     }
     for (arc, label) in GO_NAMED_ORDER {
-        let values = &fields.iter().find(|(a, _)| *a == arc).map(|(_, v)| v.clone()).unwrap_or_default();
+        let values = &fields
+            .iter()
+            .find(|(a, _)| *a == arc)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
         if values.is_empty() {
             continue;
         }
-        seq.push(values.iter().map(|v| (label.to_string(), escape_go_value(v))).collect());
+        seq.push(
+            values
+                .iter()
+                .map(|v| (label.to_string(), escape_go_value(v)))
+                .collect(),
+        );
     }
     let parts: Vec<String> = seq
         .iter()
         .rev()
-        .map(|rdn| rdn.iter().map(|(t, v)| format!("{t}={v}")).collect::<Vec<_>>().join("+"))
+        .map(|rdn| {
+            rdn.iter()
+                .map(|(t, v)| format!("{t}={v}"))
+                .collect::<Vec<_>>()
+                .join("+")
+        })
         .collect();
     Ok(parts.join(","))
 }
@@ -413,16 +466,20 @@ pub fn go_name_string(rdns: &x509_cert::name::RdnSequence) -> Result<String, Key
 fn unknown_attr_value(value: &Result<String, Vec<u8>>) -> String {
     match value {
         Ok(s) => {
-            let printable = s.bytes().all(|c| {
-                c.is_ascii_alphanumeric() || b" '()+,-./:=?".contains(&c)
-            });
+            let printable = s
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b" '()+,-./:=?".contains(&c));
             let tag: u8 = if printable { 0x13 } else { 0x0c };
             let mut der = vec![tag];
             let len = s.len();
             if len < 0x80 {
                 der.push(len as u8);
             } else {
-                let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|&b| b == 0).collect();
+                let bytes: Vec<u8> = len
+                    .to_be_bytes()
+                    .into_iter()
+                    .skip_while(|&b| b == 0)
+                    .collect();
                 der.push(0x80 | bytes.len() as u8);
                 der.extend(bytes);
             }
@@ -461,10 +518,13 @@ fn decode_directory_string(value: &x509_cert::der::Any) -> Option<String> {
         // Go keeps T61String bytes as they are.
         Tag::TeletexString => String::from_utf8(bytes.to_vec()).ok(),
         Tag::BmpString => {
-            if bytes.len() % 2 != 0 {
+            if !bytes.len().is_multiple_of(2) {
                 return None;
             }
-            let units: Vec<u16> = bytes.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+            let units: Vec<u16> = bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_be_bytes([c[0], c[1]]))
+                .collect();
             String::from_utf16(&units).ok()
         }
         _ => None,
@@ -477,7 +537,9 @@ pub fn parse_ascii_secret(input: &[u8], len: usize, what: &str) -> Result<Vec<u8
         .map_err(|_| KeyError::BadSecret(format!("{what} is not text")))?
         .trim();
     if !text.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(KeyError::BadSecret(format!("{what} must be printable ASCII")));
+        return Err(KeyError::BadSecret(format!(
+            "{what} must be printable ASCII"
+        )));
     }
     if text.len() != len {
         return Err(KeyError::BadSecret(format!(
@@ -513,10 +575,19 @@ mod tests {
 
     #[test]
     fn refuses_private_and_garbage() {
-        assert_eq!(RsaPublicKey::parse(b"hello world"), Err(KeyError::NotPemOrBase64));
+        assert_eq!(
+            RsaPublicKey::parse(b"hello world"),
+            Err(KeyError::NotPemOrBase64)
+        );
         let pem = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
-        assert_eq!(RsaPublicKey::parse(pem.as_bytes()), Err(KeyError::PrivateKey));
+        assert_eq!(
+            RsaPublicKey::parse(pem.as_bytes()),
+            Err(KeyError::PrivateKey)
+        );
         let pem = "-----BEGIN EC PUBLIC KEY-----\nAAAA\n-----END EC PUBLIC KEY-----\n";
-        assert!(matches!(RsaPublicKey::parse(pem.as_bytes()), Err(KeyError::UnsupportedPem(_))));
+        assert!(matches!(
+            RsaPublicKey::parse(pem.as_bytes()),
+            Err(KeyError::UnsupportedPem(_))
+        ));
     }
 }

@@ -8,7 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "paynotify", version, about = "Verifying ingress for Alipay and WeChat Pay payment notifications")]
+#[command(
+    name = "paynotify",
+    version,
+    about = "Verifying ingress for Alipay and WeChat Pay payment notifications"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -23,7 +27,7 @@ enum Command {
         config: PathBuf,
     },
     /// Check one captured notification offline and explain the verdict.
-    Verify(VerifyArgs),
+    Verify(Box<VerifyArgs>),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -81,7 +85,8 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
 
 fn verify(args: VerifyArgs) -> Result<bool, String> {
     let headers = match &args.headers {
-        Some(p) => inspect::parse_headers(&String::from_utf8_lossy(&read(p)?)).map_err(|e| e.to_string())?,
+        Some(p) => inspect::parse_headers(&String::from_utf8_lossy(&read(p)?))
+            .map_err(|e| e.to_string())?,
         None => http::HeaderMap::new(),
     };
     let max_clock_skew = args
@@ -95,7 +100,11 @@ fn verify(args: VerifyArgs) -> Result<bool, String> {
             Provider::WechatpayV2 => ProviderKind::WechatPayV2,
             Provider::WechatpayV3 => ProviderKind::WechatPayV3,
         },
-        keys: args.keys.iter().map(|p| read(p)).collect::<Result<_, _>>()?,
+        keys: args
+            .keys
+            .iter()
+            .map(|p| read(p))
+            .collect::<Result<_, _>>()?,
         sign_type: args.sign_type,
         app_id: args.app_id,
         mch_id: args.mch_id,
@@ -104,7 +113,9 @@ fn verify(args: VerifyArgs) -> Result<bool, String> {
         root_certificate: args.root_cert.as_deref().map(read).transpose()?,
         headers,
         body: read(&args.body)?,
-        now: args.now.unwrap_or_else(|| (paynotify::ingress::system_clock())()),
+        now: args
+            .now
+            .unwrap_or_else(|| (paynotify::ingress::system_clock())()),
         max_clock_skew,
     };
     let (report, ok) = inspect::verify(&request).map_err(|e| e.to_string())?;
@@ -137,7 +148,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Verify(args) => match verify(args) {
+        Command::Verify(args) => match verify(*args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,
             Err(e) => {

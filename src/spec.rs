@@ -133,7 +133,10 @@ pub struct DeliverySpec {
 
 impl Default for DeliverySpec {
     fn default() -> Self {
-        DeliverySpec { mode: DeliveryMode::default(), timeout: default_timeout() }
+        DeliverySpec {
+            mode: DeliveryMode::default(),
+            timeout: default_timeout(),
+        }
     }
 }
 
@@ -173,9 +176,15 @@ impl GoDuration {
         let mut total = 0f64;
         let mut rest = text;
         while !rest.is_empty() {
-            let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(bad)?;
+            let num_len = rest
+                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .ok_or_else(bad)?;
             let (num, tail) = rest.split_at(num_len);
-            if num.is_empty() || num.starts_with('.') || num.ends_with('.') || num.matches('.').count() > 1 {
+            if num.is_empty()
+                || num.starts_with('.')
+                || num.ends_with('.')
+                || num.matches('.').count() > 1
+            {
                 return Err(bad());
             }
             let value: f64 = num.parse().map_err(|_| bad())?;
@@ -203,7 +212,7 @@ impl GoDuration {
 impl std::fmt::Display for GoDuration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 != 0 {
+        if !ms.is_multiple_of(1000) {
             write!(f, "{ms}ms")
         } else {
             let s = ms / 1000;
@@ -272,37 +281,55 @@ impl<K> RouteSpec<K> {
                 app_id: a.app_id.clone(),
                 sign_type: a.sign_type,
                 public_key: f("provider.alipay.publicKey", &a.public_key),
-                root_certificate: a.root_certificate.as_ref().map(|r| f("provider.alipay.rootCertificate", r)),
-            }),
-            wechat_pay_v2: self.provider.wechat_pay_v2.as_ref().map(|w| WechatPayV2Spec {
-                app_id: w.app_id.clone(),
-                mch_id: w.mch_id.clone(),
-                sign_type: w.sign_type,
-                api_key: f("provider.wechatPayV2.apiKey", &w.api_key),
-            }),
-            wechat_pay_v3: self.provider.wechat_pay_v3.as_ref().map(|w| WechatPayV3Spec {
-                mch_id: w.mch_id.clone(),
-                app_id: w.app_id.clone(),
-                api_v3_key: f("provider.wechatPayV3.apiV3Key", &w.api_v3_key),
-                platform_certificates: w
-                    .platform_certificates
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| f(&format!("provider.wechatPayV3.platformCertificates[{i}]"), c))
-                    .collect(),
-                public_key: w
-                    .public_key
+                root_certificate: a
+                    .root_certificate
                     .as_ref()
-                    .map(|p| PublicKeySpec { id: p.id.clone(), key: f("provider.wechatPayV3.publicKey.key", &p.key) }),
-                max_clock_skew: w.max_clock_skew,
+                    .map(|r| f("provider.alipay.rootCertificate", r)),
             }),
+            wechat_pay_v2: self
+                .provider
+                .wechat_pay_v2
+                .as_ref()
+                .map(|w| WechatPayV2Spec {
+                    app_id: w.app_id.clone(),
+                    mch_id: w.mch_id.clone(),
+                    sign_type: w.sign_type,
+                    api_key: f("provider.wechatPayV2.apiKey", &w.api_key),
+                }),
+            wechat_pay_v3: self
+                .provider
+                .wechat_pay_v3
+                .as_ref()
+                .map(|w| WechatPayV3Spec {
+                    mch_id: w.mch_id.clone(),
+                    app_id: w.app_id.clone(),
+                    api_v3_key: f("provider.wechatPayV3.apiV3Key", &w.api_v3_key),
+                    platform_certificates: w
+                        .platform_certificates
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            f(
+                                &format!("provider.wechatPayV3.platformCertificates[{i}]"),
+                                c,
+                            )
+                        })
+                        .collect(),
+                    public_key: w.public_key.as_ref().map(|p| PublicKeySpec {
+                        id: p.id.clone(),
+                        key: f("provider.wechatPayV3.publicKey.key", &p.key),
+                    }),
+                    max_clock_skew: w.max_clock_skew,
+                }),
         };
         RouteSpec {
             path: self.path.clone(),
             provider,
             targets: self.targets.clone(),
             delivery: self.delivery.clone(),
-            signing: SigningSpec { secret: f("signing.secret", &self.signing.secret) },
+            signing: SigningSpec {
+                secret: f("signing.secret", &self.signing.secret),
+            },
         }
     }
 }
@@ -314,10 +341,30 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(GoDuration::parse("3s").unwrap().0, Duration::from_secs(3));
-        assert_eq!(GoDuration::parse("500ms").unwrap().0, Duration::from_millis(500));
-        assert_eq!(GoDuration::parse("1h30m").unwrap().0, Duration::from_secs(5400));
-        assert_eq!(GoDuration::parse("1.5s").unwrap().0, Duration::from_millis(1500));
-        for bad in ["", "3", "s", "3x", "-3s", "3 s", ".5s", "5.s", "1.2.3s", "99999999h"] {
+        assert_eq!(
+            GoDuration::parse("500ms").unwrap().0,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            GoDuration::parse("1h30m").unwrap().0,
+            Duration::from_secs(5400)
+        );
+        assert_eq!(
+            GoDuration::parse("1.5s").unwrap().0,
+            Duration::from_millis(1500)
+        );
+        for bad in [
+            "",
+            "3",
+            "s",
+            "3x",
+            "-3s",
+            "3 s",
+            ".5s",
+            "5.s",
+            "1.2.3s",
+            "99999999h",
+        ] {
             assert!(GoDuration::parse(bad).is_err(), "{bad}");
         }
         for text in ["3s", "500ms", "5m", "1h30m", "25h"] {

@@ -126,7 +126,11 @@ pub fn compile(doc: &TableDocument) -> Result<RoutingTable, CompileErrors> {
     let mut names: HashMap<&str, ()> = HashMap::new();
     for resolved in &doc.routes {
         let mut err = |field: &str, message: String| {
-            errors.push(CompileError { route: resolved.name.clone(), field: field.into(), message })
+            errors.push(CompileError {
+                route: resolved.name.clone(),
+                field: field.into(),
+                message,
+            })
         };
         if resolved.name.is_empty() {
             err("name", "a route needs a name".into());
@@ -136,7 +140,10 @@ pub fn compile(doc: &TableDocument) -> Result<RoutingTable, CompileErrors> {
         match compile_route(resolved) {
             Ok(route) => {
                 if let Some(other) = routes.get(&route.path) {
-                    err("path", format!("{} is already served by route {:?}", route.path, other.name));
+                    err(
+                        "path",
+                        format!("{} is already served by route {:?}", route.path, other.name),
+                    );
                 } else {
                     routes.insert(route.path.clone(), Arc::new(route));
                 }
@@ -145,7 +152,10 @@ pub fn compile(doc: &TableDocument) -> Result<RoutingTable, CompileErrors> {
         }
     }
     if errors.is_empty() {
-        Ok(RoutingTable { generation: doc.generation, routes })
+        Ok(RoutingTable {
+            generation: doc.generation,
+            routes,
+        })
     } else {
         Err(CompileErrors(errors))
     }
@@ -156,7 +166,11 @@ pub fn compile_route(resolved: &ResolvedRoute) -> Result<Route, Vec<CompileError
     let spec = &resolved.spec;
     let mut errors = Vec::new();
     let mut err = |field: &str, message: String| {
-        errors.push(CompileError { route: resolved.name.clone(), field: field.into(), message })
+        errors.push(CompileError {
+            route: resolved.name.clone(),
+            field: field.into(),
+            message,
+        })
     };
     if let Err(m) = validate_path(&spec.path) {
         err("path", m);
@@ -185,9 +199,17 @@ pub fn compile_route(resolved: &ResolvedRoute) -> Result<Route, Vec<CompileError
     }
     let timeout = spec.delivery.timeout.0;
     if timeout < TIMEOUT_RANGE.0 || timeout > TIMEOUT_RANGE.1 {
-        err("delivery.timeout", format!("must be between 100ms and 60s, got {}", spec.delivery.timeout));
+        err(
+            "delivery.timeout",
+            format!(
+                "must be between 100ms and 60s, got {}",
+                spec.delivery.timeout
+            ),
+        );
     }
-    let signing = WebhookSecret::parse(&spec.signing.secret.0).map_err(|m| err("signing.secret", m)).ok();
+    let signing = WebhookSecret::parse(&spec.signing.secret.0)
+        .map_err(|m| err("signing.secret", m))
+        .ok();
     match (adapter, signing, errors.is_empty()) {
         (Some(adapter), Some(signing), true) => Ok(Route {
             name: resolved.name.clone(),
@@ -201,14 +223,24 @@ pub fn compile_route(resolved: &ResolvedRoute) -> Result<Route, Vec<CompileError
     }
 }
 
-fn compile_provider(spec: &RouteSpec<KeyMaterial>, err: &mut impl FnMut(&str, String)) -> Option<Adapter> {
+fn compile_provider(
+    spec: &RouteSpec<KeyMaterial>,
+    err: &mut impl FnMut(&str, String),
+) -> Option<Adapter> {
     let p = &spec.provider;
-    let count = [p.alipay.is_some(), p.wechat_pay_v2.is_some(), p.wechat_pay_v3.is_some()]
-        .iter()
-        .filter(|x| **x)
-        .count();
+    let count = [
+        p.alipay.is_some(),
+        p.wechat_pay_v2.is_some(),
+        p.wechat_pay_v3.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
     if count != 1 {
-        err("provider", "give exactly one of alipay, wechatPayV2, wechatPayV3".into());
+        err(
+            "provider",
+            "give exactly one of alipay, wechatPayV2, wechatPayV3".into(),
+        );
         return None;
     }
     if let Some(a) = &p.alipay {
@@ -226,24 +258,41 @@ fn compile_provider(spec: &RouteSpec<KeyMaterial>, err: &mut impl FnMut(&str, St
     if let Some(w) = &p.wechat_pay_v2 {
         nonempty(&w.app_id, "provider.wechatPayV2.appId", err);
         nonempty(&w.mch_id, "provider.wechatPayV2.mchId", err);
-        return WechatPayV2::new(Some(w.app_id.clone()), Some(w.mch_id.clone()), w.sign_type, &w.api_key.0)
-            .map(Adapter::WechatPayV2)
-            .map_err(|e| err("provider.wechatPayV2.apiKey", e.to_string()))
-            .ok();
+        return WechatPayV2::new(
+            Some(w.app_id.clone()),
+            Some(w.mch_id.clone()),
+            w.sign_type,
+            &w.api_key.0,
+        )
+        .map(Adapter::WechatPayV2)
+        .map_err(|e| err("provider.wechatPayV2.apiKey", e.to_string()))
+        .ok();
     }
     let w = p.wechat_pay_v3.as_ref()?;
     nonempty(&w.mch_id, "provider.wechatPayV3.mchId", err);
-    let skew = w.max_clock_skew.map(|d| d.0.as_secs() as i64).unwrap_or(DEFAULT_MAX_CLOCK_SKEW_SECS);
+    let skew = w
+        .max_clock_skew
+        .map(|d| d.0.as_secs() as i64)
+        .unwrap_or(DEFAULT_MAX_CLOCK_SKEW_SECS);
     if !(1..=3600).contains(&skew) {
-        err("provider.wechatPayV3.maxClockSkew", "must be between 1s and 1h".into());
+        err(
+            "provider.wechatPayV3.maxClockSkew",
+            "must be between 1s and 1h".into(),
+        );
     }
-    let certs: Vec<Vec<u8>> = w.platform_certificates.iter().map(|c| c.0.clone()).collect();
+    let certs: Vec<Vec<u8>> = w
+        .platform_certificates
+        .iter()
+        .map(|c| c.0.clone())
+        .collect();
     WechatPayV3::new(
         Some(w.mch_id.clone()),
         w.app_id.clone(),
         &w.api_v3_key.0,
         &certs,
-        w.public_key.as_ref().map(|p| (p.id.as_str(), p.key.0.as_slice())),
+        w.public_key
+            .as_ref()
+            .map(|p| (p.id.as_str(), p.key.0.as_slice())),
         skew,
     )
     .map(Adapter::WechatPayV3)
@@ -266,13 +315,20 @@ pub fn validate_path(path: &str) -> Result<(), String> {
         return Err("longer than 512 characters".into());
     }
     if path.contains(['?', '#']) {
-        return Err(format!("{path:?} must not carry a query or fragment (the platforms refuse notify URLs with parameters)"));
+        return Err(format!(
+            "{path:?} must not carry a query or fragment (the platforms refuse notify URLs with parameters)"
+        ));
     }
     if path.split('/').any(|seg| seg == ".." || seg == ".") {
         return Err(format!("{path:?} must not contain . or .. segments"));
     }
-    if path.bytes().any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'%') {
-        return Err(format!("{path:?} must not contain whitespace, control characters or %-escapes"));
+    if path
+        .bytes()
+        .any(|b| b.is_ascii_whitespace() || b.is_ascii_control() || b == b'%')
+    {
+        return Err(format!(
+            "{path:?} must not contain whitespace, control characters or %-escapes"
+        ));
     }
     Ok(())
 }
@@ -295,7 +351,9 @@ mod tests {
     #[test]
     fn paths() {
         assert!(validate_path("/notify/shop/alipay").is_ok());
-        for bad in ["notify", "/a?b=1", "/a#x", "/a/../b", "/a b", "/a%2e", "/./a"] {
+        for bad in [
+            "notify", "/a?b=1", "/a#x", "/a/../b", "/a b", "/a%2e", "/./a",
+        ] {
             assert!(validate_path(bad).is_err(), "{bad}");
         }
     }

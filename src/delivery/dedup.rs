@@ -54,7 +54,11 @@ impl Dedup {
     /// A cache keeping entries for `retention`, at most `max_entries` of them.
     pub fn new(retention: Duration, max_entries: usize) -> Self {
         Dedup {
-            inner: Arc::new(Mutex::new(Inner { done: HashMap::new(), order: VecDeque::new(), in_flight: HashMap::new() })),
+            inner: Arc::new(Mutex::new(Inner {
+                done: HashMap::new(),
+                order: VecDeque::new(),
+                in_flight: HashMap::new(),
+            })),
             retention,
             max_entries: max_entries.max(1),
         }
@@ -122,7 +126,9 @@ impl ClaimGuard {
         if delivered {
             expire(&mut inner, now, self.retention);
             while inner.done.len() >= self.max_entries {
-                let Some((key, at)) = inner.order.pop_front() else { break };
+                let Some((key, at)) = inner.order.pop_front() else {
+                    break;
+                };
                 if inner.done.get(&key) == Some(&at) {
                     inner.done.remove(&key);
                     self.evicted += 1;
@@ -167,8 +173,14 @@ mod tests {
         let d = Dedup::new(Duration::from_secs(100), 10);
         let t0 = Instant::now();
         owner(d.claim("a", t0)).finish(true, t0);
-        assert!(matches!(d.claim("a", t0 + Duration::from_secs(99)), Claim::Duplicate));
-        assert!(matches!(d.claim("a", t0 + Duration::from_secs(100)), Claim::Owner(_)));
+        assert!(matches!(
+            d.claim("a", t0 + Duration::from_secs(99)),
+            Claim::Duplicate
+        ));
+        assert!(matches!(
+            d.claim("a", t0 + Duration::from_secs(100)),
+            Claim::Owner(_)
+        ));
         assert_eq!(d.len(), 0);
     }
 
@@ -198,12 +210,16 @@ mod tests {
         let d = Dedup::new(Duration::from_secs(100), 10);
         let t0 = Instant::now();
         let guard = owner(d.claim("a", t0));
-        let Claim::InFlight(rx) = d.claim("a", t0) else { panic!("expected in flight") };
+        let Claim::InFlight(rx) = d.claim("a", t0) else {
+            panic!("expected in flight")
+        };
         let waiter = tokio::spawn(wait(rx));
         guard.finish(true, t0);
         assert!(waiter.await.unwrap());
         let guard = owner(d.claim("b", t0));
-        let Claim::InFlight(rx) = d.claim("b", t0) else { panic!("expected in flight") };
+        let Claim::InFlight(rx) = d.claim("b", t0) else {
+            panic!("expected in flight")
+        };
         drop(guard);
         assert!(!wait(rx).await);
     }

@@ -93,7 +93,14 @@ impl Forwarder {
         });
         let results = join_all(attempts).await;
         let failed = results.iter().filter(|ok| !**ok).count();
-        if failed == 0 { Ok(()) } else { Err(DeliveryError::Targets { failed, total: results.len() }) }
+        if failed == 0 {
+            Ok(())
+        } else {
+            Err(DeliveryError::Targets {
+                failed,
+                total: results.len(),
+            })
+        }
     }
 }
 

@@ -24,19 +24,34 @@ pub(super) async fn notify(State(ingress): State<Arc<Ingress>>, request: Request
     };
     drop(table);
     let kind = route.adapter.kind();
-    let (outcome, answer) = match tokio::time::timeout(ingress.limits.request_timeout, handle(&ingress, &route, request)).await {
+    let (outcome, answer) = match tokio::time::timeout(
+        ingress.limits.request_timeout,
+        handle(&ingress, &route, request),
+    )
+    .await
+    {
         Ok(done) => done,
         Err(_) => {
             tracing::warn!(route = %route.name, "request timed out");
-            (Outcome::Timeout, route.adapter.failure(Failure::Unavailable))
+            (
+                Outcome::Timeout,
+                route.adapter.failure(Failure::Unavailable),
+            )
         }
     };
-    ingress.metrics.notification(&route.name, kind, outcome, start.elapsed().as_secs_f64());
+    ingress
+        .metrics
+        .notification(&route.name, kind, outcome, start.elapsed().as_secs_f64());
     respond(answer)
 }
 
 async fn handle(ingress: &Ingress, route: &Route, request: Request) -> (Outcome, Answer) {
-    let reject = |reason: RejectReason| (Outcome::Rejected(reason), route.adapter.failure(Failure::Rejected(reason)));
+    let reject = |reason: RejectReason| {
+        (
+            Outcome::Rejected(reason),
+            route.adapter.failure(Failure::Rejected(reason)),
+        )
+    };
     if request.method() != http::Method::POST {
         tracing::info!(route = %route.name, method = %request.method(), "rejected: not a POST");
         return reject(RejectReason::Malformed);
@@ -51,8 +66,14 @@ async fn handle(ingress: &Ingress, route: &Route, request: Request) -> (Outcome,
     };
     let now = (ingress.clock)();
     let verify_start = Instant::now();
-    let verified = route.adapter.authenticate(&Incoming { headers: &parts.headers, body: &body, now });
-    ingress.metrics.verified(route.adapter.kind(), verify_start.elapsed().as_secs_f64());
+    let verified = route.adapter.authenticate(&Incoming {
+        headers: &parts.headers,
+        body: &body,
+        now,
+    });
+    ingress
+        .metrics
+        .verified(route.adapter.kind(), verify_start.elapsed().as_secs_f64());
     let verified = match verified {
         Ok(v) => v,
         Err(rejection) => {
@@ -73,13 +94,20 @@ async fn handle(ingress: &Ingress, route: &Route, request: Request) -> (Outcome,
             false
         }
         Claim::Owner(guard) => {
-            let result = ingress.forwarder.deliver(route, &event, now, &ingress.metrics).await;
+            let result = ingress
+                .forwarder
+                .deliver(route, &event, now, &ingress.metrics)
+                .await;
             let ok = result.is_ok();
             let evicted = guard.finish(ok, Instant::now());
             ingress.metrics.dedup_evictions.inc_by(evicted as u64);
             match result {
-                Ok(()) => tracing::info!(route = %route.name, event_id = %event.id, event_type = event.event_type.as_str(), "notification verified and delivered"),
-                Err(e) => tracing::warn!(route = %route.name, event_id = %event.id, error = %e, "delivery failed; the platform will retry"),
+                Ok(()) => {
+                    tracing::info!(route = %route.name, event_id = %event.id, event_type = event.event_type.as_str(), "notification verified and delivered")
+                }
+                Err(e) => {
+                    tracing::warn!(route = %route.name, event_id = %event.id, error = %e, "delivery failed; the platform will retry")
+                }
             }
             ok
         }
@@ -87,13 +115,20 @@ async fn handle(ingress: &Ingress, route: &Route, request: Request) -> (Outcome,
     if delivered {
         (Outcome::Accepted, route.adapter.success())
     } else {
-        (Outcome::DeliveryFailed, route.adapter.failure(Failure::Unavailable))
+        (
+            Outcome::DeliveryFailed,
+            route.adapter.failure(Failure::Unavailable),
+        )
     }
 }
 
 /// Reads at most `limit` bytes: `Oversize` when the body is larger (declared or actual),
 /// `Malformed` when the client breaks off mid-body.
-async fn read_capped(body: Body, limit: usize, headers: &http::HeaderMap) -> Result<bytes::Bytes, RejectReason> {
+async fn read_capped(
+    body: Body,
+    limit: usize,
+    headers: &http::HeaderMap,
+) -> Result<bytes::Bytes, RejectReason> {
     let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())

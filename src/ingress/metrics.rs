@@ -3,8 +3,8 @@
 
 use crate::provider::{ProviderKind, RejectReason};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// What happened to a notification, as counted in `paynotify_notifications_total`.
@@ -91,9 +91,12 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
-const ACK_BUCKETS: [f64; 14] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
-const VERIFY_BUCKETS: [f64; 12] =
-    [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1];
+const ACK_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+const VERIFY_BUCKETS: [f64; 12] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+];
 
 impl Metrics {
     /// Creates and registers every metric in a fresh registry.
@@ -101,24 +104,42 @@ impl Metrics {
         let registry = Registry::new();
         fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
             // Names are static and unique, so registration cannot fail.
-            r.register(Box::new(c.clone())).expect("metric registered once");
+            r.register(Box::new(c.clone()))
+                .expect("metric registered once");
             c
         }
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let histogram_vec = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
             reg(
                 &registry,
-                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("valid metric"),
+                HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                    labels,
+                )
+                .expect("valid metric"),
             )
         };
-        let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).expect("valid metric"));
-        let counter = |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).expect("valid metric"));
+        let gauge = |name: &str, help: &str| {
+            reg(&registry, IntGauge::new(name, help).expect("valid metric"))
+        };
+        let counter = |name: &str, help: &str| {
+            reg(
+                &registry,
+                IntCounter::new(name, help).expect("valid metric"),
+            )
+        };
         let build = reg(
             &registry,
-            prometheus::IntGaugeVec::new(Opts::new("paynotify_build_info", "Build information."), &["version"])
-                .expect("valid metric"),
+            prometheus::IntGaugeVec::new(
+                Opts::new("paynotify_build_info", "Build information."),
+                &["version"],
+            )
+            .expect("valid metric"),
         );
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Metrics {
@@ -150,15 +171,30 @@ impl Metrics {
                 &["route", "target"],
                 &ACK_BUCKETS,
             ),
-            table_generation: gauge("paynotify_table_generation", "Generation of the routing table being served."),
-            table_routes: gauge("paynotify_table_routes", "Routes in the routing table being served."),
-            reloads: counter("paynotify_config_reloads_total", "Routing table reloads that took effect."),
+            table_generation: gauge(
+                "paynotify_table_generation",
+                "Generation of the routing table being served.",
+            ),
+            table_routes: gauge(
+                "paynotify_table_routes",
+                "Routes in the routing table being served.",
+            ),
+            reloads: counter(
+                "paynotify_config_reloads_total",
+                "Routing table reloads that took effect.",
+            ),
             reload_errors: counter(
                 "paynotify_config_reload_errors_total",
                 "Routing table reloads refused; the previous table keeps serving.",
             ),
-            unrouted: counter("paynotify_unrouted_requests_total", "Requests to a path that no route serves."),
-            dedup_entries: gauge("paynotify_dedup_entries", "Delivered notifications remembered for deduplication."),
+            unrouted: counter(
+                "paynotify_unrouted_requests_total",
+                "Requests to a path that no route serves.",
+            ),
+            dedup_entries: gauge(
+                "paynotify_dedup_entries",
+                "Delivered notifications remembered for deduplication.",
+            ),
             dedup_evictions: counter(
                 "paynotify_dedup_evictions_total",
                 "Deduplication entries dropped early because the cache was full.",
@@ -175,20 +211,36 @@ impl Metrics {
     }
 
     /// Counts one notification.
-    pub fn notification(&self, route: &str, provider: ProviderKind, outcome: Outcome, ack_seconds: f64) {
-        self.notifications.with_label_values(&[route, provider.as_str(), &outcome.label()]).inc();
-        self.ack_duration.with_label_values(&[route, provider.as_str()]).observe(ack_seconds);
+    pub fn notification(
+        &self,
+        route: &str,
+        provider: ProviderKind,
+        outcome: Outcome,
+        ack_seconds: f64,
+    ) {
+        self.notifications
+            .with_label_values(&[route, provider.as_str(), &outcome.label()])
+            .inc();
+        self.ack_duration
+            .with_label_values(&[route, provider.as_str()])
+            .observe(ack_seconds);
     }
 
     /// Records one verification's duration.
     pub fn verified(&self, provider: ProviderKind, seconds: f64) {
-        self.verify_duration.with_label_values(&[provider.as_str()]).observe(seconds);
+        self.verify_duration
+            .with_label_values(&[provider.as_str()])
+            .observe(seconds);
     }
 
     /// Counts one delivery attempt.
     pub fn delivery(&self, route: &str, target: &str, outcome: DeliveryOutcome, seconds: f64) {
-        self.deliveries.with_label_values(&[route, target, outcome.label()]).inc();
-        self.delivery_duration.with_label_values(&[route, target]).observe(seconds);
+        self.deliveries
+            .with_label_values(&[route, target, outcome.label()])
+            .inc();
+        self.delivery_duration
+            .with_label_values(&[route, target])
+            .observe(seconds);
     }
 
     /// Counts a request no route serves.
@@ -199,22 +251,36 @@ impl Metrics {
 
     /// Creates the series of a route at zero, so alerts see it before its first request.
     pub fn declare_route(&self, route: &str, provider: ProviderKind, targets: &[&str]) {
-        for outcome in [Outcome::Accepted, Outcome::Duplicate, Outcome::DeliveryFailed, Outcome::Timeout]
-            .into_iter()
-            .chain(RejectReason::ALL.into_iter().map(Outcome::Rejected))
+        for outcome in [
+            Outcome::Accepted,
+            Outcome::Duplicate,
+            Outcome::DeliveryFailed,
+            Outcome::Timeout,
+        ]
+        .into_iter()
+        .chain(RejectReason::ALL.into_iter().map(Outcome::Rejected))
         {
-            self.notifications.with_label_values(&[route, provider.as_str(), &outcome.label()]);
+            self.notifications
+                .with_label_values(&[route, provider.as_str(), &outcome.label()]);
         }
         for target in targets {
-            for outcome in [DeliveryOutcome::Success, DeliveryOutcome::HttpError, DeliveryOutcome::Timeout, DeliveryOutcome::Error] {
-                self.deliveries.with_label_values(&[route, target, outcome.label()]);
+            for outcome in [
+                DeliveryOutcome::Success,
+                DeliveryOutcome::HttpError,
+                DeliveryOutcome::Timeout,
+                DeliveryOutcome::Error,
+            ] {
+                self.deliveries
+                    .with_label_values(&[route, target, outcome.label()]);
             }
         }
     }
 
     /// The current value of `paynotify_notifications_total` for one series (for tests).
     pub fn notification_count(&self, route: &str, provider: ProviderKind, outcome: Outcome) -> u64 {
-        self.notifications.with_label_values(&[route, provider.as_str(), &outcome.label()]).get()
+        self.notifications
+            .with_label_values(&[route, provider.as_str(), &outcome.label()])
+            .get()
     }
 
     /// The text exposition of every metric.

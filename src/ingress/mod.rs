@@ -55,7 +55,9 @@ pub struct Ingress {
 
 impl std::fmt::Debug for Ingress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ingress").field("limits", &self.limits).finish_non_exhaustive()
+        f.debug_struct("Ingress")
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
     }
 }
 
@@ -78,7 +80,8 @@ impl Ingress {
     pub fn install(&self, table: RoutingTable) {
         for route in table.routes() {
             let targets: Vec<&str> = route.targets.iter().map(|t| t.label()).collect();
-            self.metrics.declare_route(&route.name, route.adapter.kind(), &targets);
+            self.metrics
+                .declare_route(&route.name, route.adapter.kind(), &targets);
         }
         self.metrics.table_generation.set(table.generation as i64);
         self.metrics.table_routes.set(table.len() as i64);
@@ -103,7 +106,9 @@ impl Ingress {
 
     /// The router for platform callbacks: every path goes to the notification handler.
     pub fn router(self: &Arc<Self>) -> Router {
-        Router::new().fallback(handler::notify).with_state(self.clone())
+        Router::new()
+            .fallback(handler::notify)
+            .with_state(self.clone())
     }
 
     /// The admin router: health, readiness and metrics.
@@ -117,10 +122,25 @@ impl Ingress {
 }
 
 async fn readyz(State(ingress): State<Arc<Ingress>>) -> (StatusCode, &'static str) {
-    if ingress.is_ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+    if ingress.is_ready() {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
 }
 
-async fn metrics_text(State(ingress): State<Arc<Ingress>>) -> ([(http::HeaderName, &'static str); 1], String) {
-    ingress.metrics.dedup_entries.set(ingress.dedup.len() as i64);
-    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], ingress.metrics.render())
+async fn metrics_text(
+    State(ingress): State<Arc<Ingress>>,
+) -> ([(http::HeaderName, &'static str); 1], String) {
+    ingress
+        .metrics
+        .dedup_entries
+        .set(ingress.dedup.len() as i64);
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        ingress.metrics.render(),
+    )
 }

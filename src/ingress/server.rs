@@ -46,7 +46,10 @@ pub enum ServeError {
 }
 
 /// Loads and compiles the config file, numbering the table `generation`.
-pub fn load_table(path: &Path, generation: u64) -> Result<(ServerSettings, RoutingTable), ServeError> {
+pub fn load_table(
+    path: &Path,
+    generation: u64,
+) -> Result<(ServerSettings, RoutingTable), ServeError> {
     let loaded = config::load(path)?;
     let mut document = loaded.document;
     document.generation = generation;
@@ -57,7 +60,10 @@ pub fn load_table(path: &Path, generation: u64) -> Result<(ServerSettings, Routi
 pub async fn serve(config_path: PathBuf) -> Result<(), ServeError> {
     let (settings, table) = load_table(&config_path, 1)?;
     let ingress = Ingress::new(
-        Limits { max_body_bytes: settings.max_body_bytes, request_timeout: settings.request_timeout },
+        Limits {
+            max_body_bytes: settings.max_body_bytes,
+            request_timeout: settings.request_timeout,
+        },
         Dedup::new(settings.dedup_retention, settings.dedup_max_entries),
         Forwarder::new()?,
         system_clock(),
@@ -99,7 +105,9 @@ pub fn reload(ingress: &Ingress, path: &Path, generation: u64, running: &ServerS
     match load_table(path, generation) {
         Ok((settings, table)) => {
             if settings != *running {
-                tracing::warn!("listener, limit and dedup settings change only on restart; routes were reloaded");
+                tracing::warn!(
+                    "listener, limit and dedup settings change only on restart; routes were reloaded"
+                );
             }
             let routes = table.len();
             ingress.install(table);
@@ -113,19 +121,30 @@ pub fn reload(ingress: &Ingress, path: &Path, generation: u64, running: &ServerS
     }
 }
 
-fn signal(kind: tokio::signal::unix::SignalKind) -> Result<tokio::signal::unix::Signal, ServeError> {
+fn signal(
+    kind: tokio::signal::unix::SignalKind,
+) -> Result<tokio::signal::unix::Signal, ServeError> {
     tokio::signal::unix::signal(kind).map_err(ServeError::Signals)
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
 }
 
 /// Accepts connections until `stop` turns true, then waits for open connections to finish
 /// (at most [`DRAIN_TIMEOUT`]).
-pub async fn run_listener(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
+pub async fn run_listener(
+    listener: TcpListener,
+    router: axum::Router,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
     let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -151,7 +170,10 @@ pub async fn run_listener(listener: TcpListener, router: axum::Router, mut stop:
         }
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("drain timeout: closing connections still open");
     }
 }

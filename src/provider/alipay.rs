@@ -72,8 +72,16 @@ impl Alipay {
     ) -> Result<Self, KeyError> {
         let key = RsaPublicKey::parse(public_key)?;
         let verifier = key.verifier(sign_type.hash(), sign_type.min_bits())?;
-        let root_cert_sn = root_certificate.map(crate::keys::alipay_root_cert_sn).transpose()?;
-        Ok(Alipay { app_id, sign_type, key, verifier, root_cert_sn })
+        let root_cert_sn = root_certificate
+            .map(crate::keys::alipay_root_cert_sn)
+            .transpose()?;
+        Ok(Alipay {
+            app_id,
+            sign_type,
+            key,
+            verifier,
+            root_cert_sn,
+        })
     }
 
     /// The verification key.
@@ -100,20 +108,20 @@ impl Alipay {
                 trace.field(k, v);
             }
         }
-        let sign = lookup(&params, b"sign").filter(|s| !s.is_empty()).ok_or_else(|| {
-            Rejection::new(RejectReason::MissingSignature, "no sign parameter")
-        })?;
-        if let Some(declared) = lookup(&params, b"sign_type") {
-            if declared != self.sign_type.as_str().as_bytes() {
-                return Err(Rejection::new(
-                    RejectReason::SignTypeMismatch,
-                    format!(
-                        "notification says sign_type={:?}, the route verifies {}",
-                        String::from_utf8_lossy(declared),
-                        self.sign_type.as_str()
-                    ),
-                ));
-            }
+        let sign = lookup(&params, b"sign")
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Rejection::new(RejectReason::MissingSignature, "no sign parameter"))?;
+        if let Some(declared) = lookup(&params, b"sign_type")
+            && declared != self.sign_type.as_str().as_bytes()
+        {
+            return Err(Rejection::new(
+                RejectReason::SignTypeMismatch,
+                format!(
+                    "notification says sign_type={:?}, the route verifies {}",
+                    String::from_utf8_lossy(declared),
+                    self.sign_type.as_str()
+                ),
+            ));
         }
         let content = sign_content(&params);
         if T::ENABLED {
@@ -127,24 +135,35 @@ impl Alipay {
             trace.rsa_check(self.key.spki_der(), self.sign_type.hash(), &signature);
         }
         if !self.verifier.verify(&content, &signature) {
-            return Err(Rejection::new(RejectReason::BadSignature, "signature does not verify"));
+            return Err(Rejection::new(
+                RejectReason::BadSignature,
+                "signature does not verify",
+            ));
         }
-        let field = |name: &str| text.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-        let app_id = field("app_id").ok_or_else(|| Rejection::new(RejectReason::Malformed, "no app_id"))?;
-        if let Some(expected) = &self.app_id {
-            if app_id != expected {
-                return Err(Rejection::new(
-                    RejectReason::MerchantMismatch,
-                    format!("app_id {app_id} is not the route's {expected}"),
-                ));
-            }
+        let field = |name: &str| {
+            text.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        let app_id =
+            field("app_id").ok_or_else(|| Rejection::new(RejectReason::Malformed, "no app_id"))?;
+        if let Some(expected) = &self.app_id
+            && app_id != expected
+        {
+            return Err(Rejection::new(
+                RejectReason::MerchantMismatch,
+                format!("app_id {app_id} is not the route's {expected}"),
+            ));
         }
         normalize(&text, app_id)
     }
 }
 
 fn lookup<'a>(params: &'a form::Form, key: &[u8]) -> Option<&'a [u8]> {
-    params.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_slice())
+    params
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_slice())
 }
 
 fn charset_of(params: &form::Form) -> Outcome<Charset> {
@@ -164,15 +183,26 @@ fn decode_all(params: &form::Form, charset: Charset) -> Outcome<Vec<(String, Str
     let decode = |bytes: &[u8]| -> Outcome<String> {
         match charset {
             Charset::Utf8 => String::from_utf8(bytes.to_vec()).map_err(|_| {
-                Rejection::new(RejectReason::InvalidUtf8, "charset is utf-8 but a value is not UTF-8")
+                Rejection::new(
+                    RejectReason::InvalidUtf8,
+                    "charset is utf-8 but a value is not UTF-8",
+                )
             }),
             Charset::Gbk => encoding_rs::GBK
                 .decode_without_bom_handling_and_without_replacement(bytes)
                 .map(|s| s.into_owned())
-                .ok_or_else(|| Rejection::new(RejectReason::Malformed, "charset is GBK but a value is not GBK")),
+                .ok_or_else(|| {
+                    Rejection::new(
+                        RejectReason::Malformed,
+                        "charset is GBK but a value is not GBK",
+                    )
+                }),
         }
     };
-    params.iter().map(|(k, v)| Ok((decode(k)?, decode(v)?))).collect()
+    params
+        .iter()
+        .map(|(k, v)| Ok((decode(k)?, decode(v)?)))
+        .collect()
 }
 
 /// The signed string: every parameter except `sign` and `sign_type`, empty values included
@@ -196,12 +226,22 @@ pub fn sign_content(params: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
 }
 
 fn normalize(text: &[(String, String)], app_id: &str) -> Outcome<Verified> {
-    let field = |name: &str| text.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty());
+    let field = |name: &str| {
+        text.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
     let status = field("trade_status").ok_or_else(|| {
-        Rejection::new(RejectReason::UnsupportedEvent, "no trade_status: not a trade notification")
+        Rejection::new(
+            RejectReason::UnsupportedEvent,
+            "no trade_status: not a trade notification",
+        )
     })?;
-    let trade_no = field("trade_no").ok_or_else(|| Rejection::new(RejectReason::Malformed, "no trade_no"))?;
-    let out_trade_no = field("out_trade_no").ok_or_else(|| Rejection::new(RejectReason::Malformed, "no out_trade_no"))?;
+    let trade_no =
+        field("trade_no").ok_or_else(|| Rejection::new(RejectReason::Malformed, "no trade_no"))?;
+    let out_trade_no = field("out_trade_no")
+        .ok_or_else(|| Rejection::new(RejectReason::Malformed, "no out_trade_no"))?;
     let refund_no = field("out_biz_no").filter(|_| field("refund_fee").is_some());
     let event_type = match (refund_no, status) {
         (Some(_), _) => EventType::RefundSucceeded,
@@ -210,25 +250,47 @@ fn normalize(text: &[(String, String)], app_id: &str) -> Outcome<Verified> {
         (None, "TRADE_CLOSED") => EventType::PaymentClosed,
         (None, "WAIT_BUYER_PAY") => EventType::PaymentPending,
         (None, other) => {
-            return Err(Rejection::new(RejectReason::UnsupportedEvent, format!("trade_status {other}")));
+            return Err(Rejection::new(
+                RejectReason::UnsupportedEvent,
+                format!("trade_status {other}"),
+            ));
         }
     };
-    let amount_field = if refund_no.is_some() { "refund_fee" } else { "total_amount" };
+    let amount_field = if refund_no.is_some() {
+        "refund_fee"
+    } else {
+        "total_amount"
+    };
     let amount = match field(amount_field) {
         Some(original) => Some(Amount {
             value: yuan_to_minor(original).ok_or_else(|| {
-                Rejection::new(RejectReason::Malformed, format!("{amount_field} is not an amount in yuan"))
+                Rejection::new(
+                    RejectReason::Malformed,
+                    format!("{amount_field} is not an amount in yuan"),
+                )
             })?,
             original: original.to_string(),
             currency: field("currency").unwrap_or("CNY").to_string(),
         }),
         None => None,
     };
-    let occurred_at = [if refund_no.is_some() { "gmt_refund" } else { "" }, "gmt_close", "gmt_payment", "notify_time"]
-        .into_iter()
-        .filter(|f| !f.is_empty())
-        .find_map(|f| field(f).and_then(china_time_to_rfc3339));
-    let dedup_key = format!("alipay|{app_id}|{trade_no}|{status}|{}", refund_no.unwrap_or(""));
+    let occurred_at = [
+        if refund_no.is_some() {
+            "gmt_refund"
+        } else {
+            ""
+        },
+        "gmt_close",
+        "gmt_payment",
+        "notify_time",
+    ]
+    .into_iter()
+    .filter(|f| !f.is_empty())
+    .find_map(|f| field(f).and_then(china_time_to_rfc3339));
+    let dedup_key = format!(
+        "alipay|{app_id}|{trade_no}|{status}|{}",
+        refund_no.unwrap_or("")
+    );
     let data: Map<String, Value> = text
         .iter()
         .filter(|(k, _)| k != "sign")

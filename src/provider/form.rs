@@ -28,11 +28,17 @@ pub(crate) fn parse(body: &[u8]) -> Outcome<Form> {
         if out.iter().any(|(existing, _)| *existing == key) {
             return Err(Rejection::new(
                 RejectReason::DuplicateField,
-                format!("parameter {:?} appears more than once", String::from_utf8_lossy(&key)),
+                format!(
+                    "parameter {:?} appears more than once",
+                    String::from_utf8_lossy(&key)
+                ),
             ));
         }
         if out.len() == MAX_PARAMS {
-            return Err(Rejection::new(RejectReason::Malformed, "too many parameters"));
+            return Err(Rejection::new(
+                RejectReason::Malformed,
+                "too many parameters",
+            ));
         }
         out.push((key, value));
     }
@@ -50,7 +56,12 @@ fn unescape(s: &[u8]) -> Outcome<Vec<u8>> {
                 let lo = s.get(i + 2).and_then(|c| (*c as char).to_digit(16));
                 match (hi, lo) {
                     (Some(h), Some(l)) => out.push((h * 16 + l) as u8),
-                    _ => return Err(Rejection::new(RejectReason::Malformed, "bad %-escape in form")),
+                    _ => {
+                        return Err(Rejection::new(
+                            RejectReason::Malformed,
+                            "bad %-escape in form",
+                        ));
+                    }
                 }
                 i += 2;
             }
@@ -81,10 +92,19 @@ mod tests {
 
     #[test]
     fn refuses_semicolons_bad_escapes_and_repeats() {
-        assert_eq!(parse(b"a=1;b=2").unwrap_err().reason, RejectReason::Malformed);
+        assert_eq!(
+            parse(b"a=1;b=2").unwrap_err().reason,
+            RejectReason::Malformed
+        );
         assert_eq!(parse(b"a=%zz").unwrap_err().reason, RejectReason::Malformed);
         assert_eq!(parse(b"a=%4").unwrap_err().reason, RejectReason::Malformed);
-        assert_eq!(parse(b"a=1&a=2").unwrap_err().reason, RejectReason::DuplicateField);
-        assert_eq!(parse(b"a=1&%61=2").unwrap_err().reason, RejectReason::DuplicateField);
+        assert_eq!(
+            parse(b"a=1&a=2").unwrap_err().reason,
+            RejectReason::DuplicateField
+        );
+        assert_eq!(
+            parse(b"a=1&%61=2").unwrap_err().reason,
+            RejectReason::DuplicateField
+        );
     }
 }

@@ -69,13 +69,18 @@ impl<'de> Visitor<'de> for StrictVisitor {
 pub(crate) fn parse(bytes: &[u8], what: &str) -> Outcome<Value> {
     match serde_json::from_slice::<Strict>(bytes) {
         Ok(Strict(v)) => Ok(v),
-        Err(e) if e.to_string().starts_with(DUPLICATE) => {
-            Err(Rejection::new(RejectReason::DuplicateField, format!("{what}: {e}")))
-        }
-        Err(e) if std::str::from_utf8(bytes).is_err() => {
-            Err(Rejection::new(RejectReason::InvalidUtf8, format!("{what}: {e}")))
-        }
-        Err(e) => Err(Rejection::new(RejectReason::Malformed, format!("{what}: {e}"))),
+        Err(e) if e.to_string().starts_with(DUPLICATE) => Err(Rejection::new(
+            RejectReason::DuplicateField,
+            format!("{what}: {e}"),
+        )),
+        Err(e) if std::str::from_utf8(bytes).is_err() => Err(Rejection::new(
+            RejectReason::InvalidUtf8,
+            format!("{what}: {e}"),
+        )),
+        Err(e) => Err(Rejection::new(
+            RejectReason::Malformed,
+            format!("{what}: {e}"),
+        )),
     }
 }
 
@@ -87,9 +92,21 @@ mod tests {
     fn keeps_values_and_refuses_duplicates_anywhere() {
         let v = parse(br#"{"a":1,"b":[{"c":"d"}],"e":null,"f":1.5,"g":true}"#, "t").unwrap();
         assert_eq!(v["b"][0]["c"], "d");
-        assert_eq!(parse(br#"{"a":1,"a":2}"#, "t").unwrap_err().reason, RejectReason::DuplicateField);
-        assert_eq!(parse(br#"{"x":{"a":1,"a":2}}"#, "t").unwrap_err().reason, RejectReason::DuplicateField);
-        assert_eq!(parse(br#"{"a":1"#, "t").unwrap_err().reason, RejectReason::Malformed);
-        assert_eq!(parse(b"{\"a\":\"\xff\"}", "t").unwrap_err().reason, RejectReason::InvalidUtf8);
+        assert_eq!(
+            parse(br#"{"a":1,"a":2}"#, "t").unwrap_err().reason,
+            RejectReason::DuplicateField
+        );
+        assert_eq!(
+            parse(br#"{"x":{"a":1,"a":2}}"#, "t").unwrap_err().reason,
+            RejectReason::DuplicateField
+        );
+        assert_eq!(
+            parse(br#"{"a":1"#, "t").unwrap_err().reason,
+            RejectReason::Malformed
+        );
+        assert_eq!(
+            parse(b"{\"a\":\"\xff\"}", "t").unwrap_err().reason,
+            RejectReason::InvalidUtf8
+        );
     }
 }

@@ -126,7 +126,10 @@ pub struct Rejection {
 impl Rejection {
     /// A rejection with a detail message.
     pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Rejection { reason, detail: detail.into() }
+        Rejection {
+            reason,
+            detail: detail.into(),
+        }
     }
 }
 
@@ -231,7 +234,10 @@ impl Adapter {
     /// Parse, authenticate, check policy and normalize one notification.
     pub fn authenticate(&self, incoming: &Incoming<'_>) -> Outcome<Verified> {
         if incoming.body.is_empty() {
-            return Err(Rejection::new(RejectReason::EmptyBody, "the request has no body"));
+            return Err(Rejection::new(
+                RejectReason::EmptyBody,
+                "the request has no body",
+            ));
         }
         match self {
             Adapter::Alipay(a) => a.authenticate(incoming),
@@ -243,9 +249,21 @@ impl Adapter {
     /// The platform's success answer.
     pub fn success(&self) -> Answer {
         match self.kind() {
-            ProviderKind::Alipay => Answer { status: 200, content_type: Some(TEXT), body: "success".into() },
-            ProviderKind::WechatPayV2 => Answer { status: 200, content_type: Some(XML), body: wechatpay_v2::answer("SUCCESS", "OK") },
-            ProviderKind::WechatPayV3 => Answer { status: 204, content_type: None, body: String::new() },
+            ProviderKind::Alipay => Answer {
+                status: 200,
+                content_type: Some(TEXT),
+                body: "success".into(),
+            },
+            ProviderKind::WechatPayV2 => Answer {
+                status: 200,
+                content_type: Some(XML),
+                body: wechatpay_v2::answer("SUCCESS", "OK"),
+            },
+            ProviderKind::WechatPayV3 => Answer {
+                status: 204,
+                content_type: None,
+                body: String::new(),
+            },
         }
     }
 
@@ -259,7 +277,11 @@ impl Adapter {
 pub fn failure_answer(kind: ProviderKind, failure: Failure) -> Answer {
     let status = failure.status();
     match kind {
-        ProviderKind::Alipay => Answer { status, content_type: Some(TEXT), body: "fail".into() },
+        ProviderKind::Alipay => Answer {
+            status,
+            content_type: Some(TEXT),
+            body: "fail".into(),
+        },
         ProviderKind::WechatPayV2 => Answer {
             status,
             content_type: Some(XML),
@@ -283,7 +305,13 @@ pub(crate) fn yuan_to_minor(text: &str) -> Option<i64> {
         Some((i, f)) => (i, f),
         None => (text, ""),
     };
-    if int.is_empty() || int.len() > 15 || frac.len() > 2 || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) || (text.contains('.') && frac.is_empty()) {
+    if int.is_empty()
+        || int.len() > 15
+        || frac.len() > 2
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+        || (text.contains('.') && frac.is_empty())
+    {
         return None;
     }
     let mut minor: i64 = int.parse().ok()?;
@@ -305,7 +333,9 @@ pub(crate) fn china_time_to_rfc3339(text: &str) -> Option<String> {
         && b[10] == b' '
         && b[13] == b':'
         && b[16] == b':'
-        && b.iter().enumerate().all(|(i, c)| [4, 7, 10, 13, 16].contains(&i) || c.is_ascii_digit());
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| [4, 7, 10, 13, 16].contains(&i) || c.is_ascii_digit());
     ok.then(|| format!("{}T{}+08:00", &text[..10], &text[11..]))
 }
 
@@ -323,48 +353,6 @@ pub(crate) fn compact_china_time_to_rfc3339(text: &str) -> Option<String> {
         &text[10..12],
         &text[12..14]
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn yuan_amounts() {
-        assert_eq!(yuan_to_minor("88.88"), Some(8888));
-        assert_eq!(yuan_to_minor("0.01"), Some(1));
-        assert_eq!(yuan_to_minor("1.5"), Some(150));
-        assert_eq!(yuan_to_minor("100"), Some(10000));
-        for bad in ["", ".5", "1.", "1.234", "-1", "1e3", " 1", "1,00", "0x10"] {
-            assert_eq!(yuan_to_minor(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn china_times() {
-        assert_eq!(china_time_to_rfc3339("2024-05-01 12:00:05").as_deref(), Some("2024-05-01T12:00:05+08:00"));
-        assert_eq!(china_time_to_rfc3339("2024-05-01T12:00:05"), None);
-        assert_eq!(compact_china_time_to_rfc3339("20240501120005").as_deref(), Some("2024-05-01T12:00:05+08:00"));
-    }
-
-    #[test]
-    fn reasons_round_trip() {
-        for r in RejectReason::ALL {
-            assert_eq!(RejectReason::parse(r.as_str()), Some(r));
-        }
-    }
-
-    #[test]
-    fn failure_answers_follow_each_platform() {
-        let a = failure_answer(ProviderKind::Alipay, Failure::Rejected(RejectReason::BadSignature));
-        assert_eq!((a.status, a.body.as_str()), (400, "fail"));
-        let w = failure_answer(ProviderKind::WechatPayV2, Failure::Unavailable);
-        assert_eq!(w.status, 503);
-        assert_eq!(w.body, "<xml><return_code><![CDATA[FAIL]]></return_code><return_msg><![CDATA[temporarily_unavailable]]></return_msg></xml>");
-        let v = failure_answer(ProviderKind::WechatPayV3, Failure::Rejected(RejectReason::Oversize));
-        assert_eq!(v.status, 413);
-        assert_eq!(v.body, r#"{"code":"FAIL","message":"oversize"}"#);
-    }
 }
 
 /// Observes an adapter's steps. The hot path uses [`NoTrace`], which compiles to nothing;
@@ -388,3 +376,60 @@ pub trait Trace {
 pub struct NoTrace;
 
 impl Trace for NoTrace {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yuan_amounts() {
+        assert_eq!(yuan_to_minor("88.88"), Some(8888));
+        assert_eq!(yuan_to_minor("0.01"), Some(1));
+        assert_eq!(yuan_to_minor("1.5"), Some(150));
+        assert_eq!(yuan_to_minor("100"), Some(10000));
+        for bad in ["", ".5", "1.", "1.234", "-1", "1e3", " 1", "1,00", "0x10"] {
+            assert_eq!(yuan_to_minor(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn china_times() {
+        assert_eq!(
+            china_time_to_rfc3339("2024-05-01 12:00:05").as_deref(),
+            Some("2024-05-01T12:00:05+08:00")
+        );
+        assert_eq!(china_time_to_rfc3339("2024-05-01T12:00:05"), None);
+        assert_eq!(
+            compact_china_time_to_rfc3339("20240501120005").as_deref(),
+            Some("2024-05-01T12:00:05+08:00")
+        );
+    }
+
+    #[test]
+    fn reasons_round_trip() {
+        for r in RejectReason::ALL {
+            assert_eq!(RejectReason::parse(r.as_str()), Some(r));
+        }
+    }
+
+    #[test]
+    fn failure_answers_follow_each_platform() {
+        let a = failure_answer(
+            ProviderKind::Alipay,
+            Failure::Rejected(RejectReason::BadSignature),
+        );
+        assert_eq!((a.status, a.body.as_str()), (400, "fail"));
+        let w = failure_answer(ProviderKind::WechatPayV2, Failure::Unavailable);
+        assert_eq!(w.status, 503);
+        assert_eq!(
+            w.body,
+            "<xml><return_code><![CDATA[FAIL]]></return_code><return_msg><![CDATA[temporarily_unavailable]]></return_msg></xml>"
+        );
+        let v = failure_answer(
+            ProviderKind::WechatPayV3,
+            Failure::Rejected(RejectReason::Oversize),
+        );
+        assert_eq!(v.status, 413);
+        assert_eq!(v.body, r#"{"code":"FAIL","message":"oversize"}"#);
+    }
+}

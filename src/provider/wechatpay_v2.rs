@@ -78,12 +78,21 @@ impl WechatPayV2 {
     ) -> Result<Self, KeyError> {
         let api_key = parse_ascii_secret(api_key, API_KEY_LEN, "the WeChat Pay API key")?;
         let refund_key = crypto::hex_lower(&crypto::md5(&api_key)).into_bytes();
-        Ok(WechatPayV2 { app_id, mch_id, sign_type, api_key, refund_key })
+        Ok(WechatPayV2 {
+            app_id,
+            mch_id,
+            sign_type,
+            api_key,
+            refund_key,
+        })
     }
 
     /// A short fingerprint of the API key, safe to show.
     pub fn key_fingerprint(&self) -> String {
-        format!("SHA256:{}", &crypto::hex_lower(&crypto::sha256(&self.api_key))[..16])
+        format!(
+            "SHA256:{}",
+            &crypto::hex_lower(&crypto::sha256(&self.api_key))[..16]
+        )
     }
 
     pub(super) fn authenticate(&self, incoming: &Incoming<'_>) -> Outcome<Verified> {
@@ -98,20 +107,28 @@ impl WechatPayV2 {
                 trace.field(k, v);
             }
         }
-        let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let get = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
         if get("req_info").is_some() {
             return self.refund(&fields, trace);
         }
-        let sign = get("sign").filter(|s| !s.is_empty()).ok_or_else(|| {
-            Rejection::new(RejectReason::MissingSignature, "no sign element")
-        })?;
-        if let Some(declared) = get("sign_type").filter(|s| !s.is_empty()) {
-            if declared != self.sign_type.as_str() {
-                return Err(Rejection::new(
-                    RejectReason::SignTypeMismatch,
-                    format!("notification says sign_type={declared:?}, the route verifies {}", self.sign_type.as_str()),
-                ));
-            }
+        let sign = get("sign")
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Rejection::new(RejectReason::MissingSignature, "no sign element"))?;
+        if let Some(declared) = get("sign_type").filter(|s| !s.is_empty())
+            && declared != self.sign_type.as_str()
+        {
+            return Err(Rejection::new(
+                RejectReason::SignTypeMismatch,
+                format!(
+                    "notification says sign_type={declared:?}, the route verifies {}",
+                    self.sign_type.as_str()
+                ),
+            ));
         }
         let content = sign_content(&fields, &self.api_key);
         let expected = self.sign(&content);
@@ -122,7 +139,9 @@ impl WechatPayV2 {
             trace.signed_message(&masked);
             trace.algorithm(match self.sign_type {
                 WechatV2SignType::Md5 => "MD5, upper-case hex",
-                WechatV2SignType::HmacSha256 => "HMAC-SHA256 keyed with the API key, upper-case hex",
+                WechatV2SignType::HmacSha256 => {
+                    "HMAC-SHA256 keyed with the API key, upper-case hex"
+                }
             });
             trace.note(format!("API key fingerprint: {}", self.key_fingerprint()));
         }
@@ -134,10 +153,17 @@ impl WechatPayV2 {
             if sign.len() == other.hex_len() {
                 return Err(Rejection::new(
                     RejectReason::SignTypeMismatch,
-                    format!("the sign has the length of {}, the route verifies {}", other.as_str(), self.sign_type.as_str()),
+                    format!(
+                        "the sign has the length of {}, the route verifies {}",
+                        other.as_str(),
+                        self.sign_type.as_str()
+                    ),
                 ));
             }
-            return Err(Rejection::new(RejectReason::BadSignature, "signature does not match"));
+            return Err(Rejection::new(
+                RejectReason::BadSignature,
+                "signature does not match",
+            ));
         }
         self.check_merchant(get("appid"), get("mch_id"))?;
         normalize_payment(&fields)
@@ -146,54 +172,83 @@ impl WechatPayV2 {
     fn sign(&self, content: &[u8]) -> String {
         match self.sign_type {
             WechatV2SignType::Md5 => crypto::hex_upper(&crypto::md5(content)),
-            WechatV2SignType::HmacSha256 => crypto::hex_upper(&crypto::hmac_sha256(&self.api_key, content)),
+            WechatV2SignType::HmacSha256 => {
+                crypto::hex_upper(&crypto::hmac_sha256(&self.api_key, content))
+            }
         }
     }
 
     fn check_merchant(&self, app_id: Option<&str>, mch_id: Option<&str>) -> Outcome<()> {
-        for (name, got, want) in [("appid", app_id, &self.app_id), ("mch_id", mch_id, &self.mch_id)] {
-            if let Some(want) = want {
-                if got != Some(want.as_str()) {
-                    return Err(Rejection::new(
-                        RejectReason::MerchantMismatch,
-                        format!("{name} {:?} is not the route's {want}", got.unwrap_or("")),
-                    ));
-                }
+        for (name, got, want) in [
+            ("appid", app_id, &self.app_id),
+            ("mch_id", mch_id, &self.mch_id),
+        ] {
+            if let Some(want) = want
+                && got != Some(want.as_str())
+            {
+                return Err(Rejection::new(
+                    RejectReason::MerchantMismatch,
+                    format!("{name} {:?} is not the route's {want}", got.unwrap_or("")),
+                ));
             }
         }
         Ok(())
     }
 
     fn refund<T: Trace>(&self, fields: &xml::Fields, trace: &mut T) -> Outcome<Verified> {
-        let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let get = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
         let failed = |detail: String| Rejection::new(RejectReason::DecryptFailed, detail);
         let req_info = get("req_info").unwrap_or_default();
         if T::ENABLED {
             trace.algorithm("AES-256-ECB, key = lower-case hex MD5(API key), PKCS#7");
             trace.note(format!("API key fingerprint: {}", self.key_fingerprint()));
         }
-        let cipher = crypto::base64_decode(req_info.as_bytes()).ok_or_else(|| failed("req_info is not base64".into()))?;
-        let plain = crypto::aes256_ecb_decrypt(&self.refund_key, &cipher).map_err(|e| failed(format!("req_info: {e}")))?;
-        let inner = xml::parse(&plain).map_err(|e| failed(format!("req_info plaintext is not the expected XML: {e}")))?;
+        let cipher = crypto::base64_decode(req_info.as_bytes())
+            .ok_or_else(|| failed("req_info is not base64".into()))?;
+        let plain = crypto::aes256_ecb_decrypt(&self.refund_key, &cipher)
+            .map_err(|e| failed(format!("req_info: {e}")))?;
+        let inner = xml::parse(&plain)
+            .map_err(|e| failed(format!("req_info plaintext is not the expected XML: {e}")))?;
         if T::ENABLED {
             for (k, v) in &inner {
                 trace.field(&format!("req_info.{k}"), v);
             }
         }
         if get("return_code") != Some("SUCCESS") {
-            return Err(Rejection::new(RejectReason::UnsupportedEvent, "return_code is not SUCCESS"));
+            return Err(Rejection::new(
+                RejectReason::UnsupportedEvent,
+                "return_code is not SUCCESS",
+            ));
         }
         self.check_merchant(get("appid"), get("mch_id"))?;
-        let inner_get = |name: &str| inner.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty());
+        let inner_get = |name: &str| {
+            inner
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .filter(|v| !v.is_empty())
+        };
         let required = |name: &str| {
-            inner_get(name).ok_or_else(|| Rejection::new(RejectReason::Malformed, format!("req_info has no {name}")))
+            inner_get(name).ok_or_else(|| {
+                Rejection::new(RejectReason::Malformed, format!("req_info has no {name}"))
+            })
         };
         let status = required("refund_status")?;
         let event_type = match status {
             "SUCCESS" => EventType::RefundSucceeded,
             "CHANGE" => EventType::RefundAbnormal,
             "REFUNDCLOSE" => EventType::RefundClosed,
-            other => return Err(Rejection::new(RejectReason::UnsupportedEvent, format!("refund_status {other}"))),
+            other => {
+                return Err(Rejection::new(
+                    RejectReason::UnsupportedEvent,
+                    format!("refund_status {other}"),
+                ));
+            }
         };
         let refund_id = required("refund_id")?;
         let amount = fen_amount(required("refund_fee")?, "CNY", "refund_fee")?;
@@ -205,7 +260,12 @@ impl WechatPayV2 {
             .collect();
         data.insert(
             "req_info".into(),
-            Value::Object(inner.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect()),
+            Value::Object(
+                inner
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect(),
+            ),
         );
         Ok(Verified {
             event_type,
@@ -225,8 +285,10 @@ impl WechatPayV2 {
 /// The signed string: fields sorted by name, empty values and `sign` left out, `k=v`
 /// joined with `&`, then `&key=APIKEY`.
 pub fn sign_content(fields: &[(String, String)], api_key: &[u8]) -> Vec<u8> {
-    let mut pairs: Vec<&(String, String)> =
-        fields.iter().filter(|(k, v)| k != "sign" && !v.is_empty()).collect();
+    let mut pairs: Vec<&(String, String)> = fields
+        .iter()
+        .filter(|(k, v)| k != "sign" && !v.is_empty())
+        .collect();
     pairs.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut out = Vec::new();
     for (k, v) in pairs {
@@ -245,21 +307,46 @@ fn fen_amount(text: &str, currency: &str, field: &str) -> Outcome<Amount> {
         .parse::<i64>()
         .ok()
         .filter(|v| *v >= 0 && text.bytes().all(|b| b.is_ascii_digit()))
-        .ok_or_else(|| Rejection::new(RejectReason::Malformed, format!("{field} is not an amount in fen")))?;
-    Ok(Amount { value, original: text.to_string(), currency: currency.to_string() })
+        .ok_or_else(|| {
+            Rejection::new(
+                RejectReason::Malformed,
+                format!("{field} is not an amount in fen"),
+            )
+        })?;
+    Ok(Amount {
+        value,
+        original: text.to_string(),
+        currency: currency.to_string(),
+    })
 }
 
 fn normalize_payment(fields: &xml::Fields) -> Outcome<Verified> {
-    let get = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()).filter(|v| !v.is_empty());
-    let required = |name: &str| get(name).ok_or_else(|| Rejection::new(RejectReason::Malformed, format!("no {name}")));
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    let required = |name: &str| {
+        get(name).ok_or_else(|| Rejection::new(RejectReason::Malformed, format!("no {name}")))
+    };
     if get("return_code") != Some("SUCCESS") {
-        return Err(Rejection::new(RejectReason::UnsupportedEvent, "return_code is not SUCCESS"));
+        return Err(Rejection::new(
+            RejectReason::UnsupportedEvent,
+            "return_code is not SUCCESS",
+        ));
     }
     let status = required("result_code")?;
     let event_type = match status {
         "SUCCESS" => EventType::PaymentSucceeded,
         "FAIL" => EventType::PaymentFailed,
-        other => return Err(Rejection::new(RejectReason::UnsupportedEvent, format!("result_code {other}"))),
+        other => {
+            return Err(Rejection::new(
+                RejectReason::UnsupportedEvent,
+                format!("result_code {other}"),
+            ));
+        }
     };
     let out_trade_no = required("out_trade_no")?;
     let transaction_id = get("transaction_id");

@@ -31,19 +31,29 @@ pub(crate) fn parse(body: &[u8]) -> Outcome<Fields> {
     let mut seen_root = false;
     let mut current: Option<(String, String)> = None;
     loop {
-        let event = reader.read_event().map_err(|e| malformed(format!("XML: {e}")))?;
+        let event = reader
+            .read_event()
+            .map_err(|e| malformed(format!("XML: {e}")))?;
         match event {
             Event::DocType(_) => {
-                return Err(Rejection::new(RejectReason::XmlDtd, "XML carries a DOCTYPE/DTD"));
+                return Err(Rejection::new(
+                    RejectReason::XmlDtd,
+                    "XML carries a DOCTYPE/DTD",
+                ));
             }
             Event::PI(_) => {
-                return Err(Rejection::new(RejectReason::XmlDtd, "XML carries a processing instruction"));
+                return Err(Rejection::new(
+                    RejectReason::XmlDtd,
+                    "XML carries a processing instruction",
+                ));
             }
             Event::Decl(decl) => {
                 if let Some(Ok(enc)) = decl.encoding() {
                     let enc = enc.to_ascii_lowercase();
                     if enc != "utf-8" && enc != "utf8" {
-                        return Err(malformed(format!("XML declares encoding {enc:?}; only UTF-8 is accepted")));
+                        return Err(malformed(format!(
+                            "XML declares encoding {enc:?}; only UTF-8 is accepted"
+                        )));
                     }
                 }
             }
@@ -66,14 +76,18 @@ pub(crate) fn parse(body: &[u8]) -> Outcome<Fields> {
                         }
                         current = Some((name, String::new()));
                     }
-                    _ => return Err(malformed(format!("nested element <{name}> is not expected"))),
+                    _ => {
+                        return Err(malformed(format!(
+                            "nested element <{name}> is not expected"
+                        )));
+                    }
                 }
             }
             Event::End(_) => {
-                if depth == 2 {
-                    if let Some(field) = current.take() {
-                        fields.push(field);
-                    }
+                if depth == 2
+                    && let Some(field) = current.take()
+                {
+                    fields.push(field);
                 }
                 depth = depth.saturating_sub(1);
             }
@@ -128,7 +142,10 @@ pub(crate) fn parse(body: &[u8]) -> Outcome<Fields> {
 
 /// `expand_empty_elements` turns `<a/>` into Start+End, so Empty never arrives.
 fn unreachable_empty() -> Outcome<()> {
-    Err(Rejection::new(RejectReason::Malformed, "unexpected empty element"))
+    Err(Rejection::new(
+        RejectReason::Malformed,
+        "unexpected empty element",
+    ))
 }
 
 fn is_xml_char(c: char) -> bool {
@@ -160,17 +177,32 @@ mod tests {
 
     #[test]
     fn refuses_what_is_dangerous_or_ambiguous() {
-        assert_eq!(reason("<!DOCTYPE x [<!ENTITY a \"b\">]><xml><a>&a;</a></xml>"), RejectReason::XmlDtd);
+        assert_eq!(
+            reason("<!DOCTYPE x [<!ENTITY a \"b\">]><xml><a>&a;</a></xml>"),
+            RejectReason::XmlDtd
+        );
         assert_eq!(reason("<xml><a>&xxe;</a></xml>"), RejectReason::XmlDtd);
         assert_eq!(reason("<?php x?><xml></xml>"), RejectReason::XmlDtd);
-        assert_eq!(reason("<xml><a>1</a><a>2</a></xml>"), RejectReason::DuplicateField);
-        assert_eq!(reason("<xml><a><b>1</b></a></xml>"), RejectReason::Malformed);
+        assert_eq!(
+            reason("<xml><a>1</a><a>2</a></xml>"),
+            RejectReason::DuplicateField
+        );
+        assert_eq!(
+            reason("<xml><a><b>1</b></a></xml>"),
+            RejectReason::Malformed
+        );
         assert_eq!(reason("<xml><a>1</a>"), RejectReason::Malformed);
         assert_eq!(reason("<xml><a>1</b></xml>"), RejectReason::Malformed);
         assert_eq!(reason("<xml></xml><xml></xml>"), RejectReason::Malformed);
         assert_eq!(reason("<xml>text<a>1</a></xml>"), RejectReason::Malformed);
         assert_eq!(reason("<xml><a>&#0;</a></xml>"), RejectReason::Malformed);
-        assert_eq!(reason("<?xml version=\"1.0\" encoding=\"GBK\"?><xml></xml>"), RejectReason::Malformed);
-        assert_eq!(parse(b"<xml><a>\xff</a></xml>").unwrap_err().reason, RejectReason::InvalidUtf8);
+        assert_eq!(
+            reason("<?xml version=\"1.0\" encoding=\"GBK\"?><xml></xml>"),
+            RejectReason::Malformed
+        );
+        assert_eq!(
+            parse(b"<xml><a>\xff</a></xml>").unwrap_err().reason,
+            RejectReason::InvalidUtf8
+        );
     }
 }
