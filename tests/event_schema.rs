@@ -2,8 +2,7 @@
 
 mod support;
 
-use paynotify::event::{EventType, PaymentEvent};
-use paynotify::provider::Incoming;
+use paynotify::event::EventType;
 use serde_json::Value;
 
 fn validator() -> jsonschema::Validator {
@@ -25,28 +24,7 @@ fn every_emitted_event_validates() {
     let mut types = std::collections::BTreeSet::new();
     let mut checked = 0;
     for case in support::cases().into_iter().filter(|c| c.accepts()) {
-        let table = support::table_for(
-            &case.route,
-            "/n",
-            serde_json::json!([{"log": {}}]),
-            &support::fixtures_dir(),
-        );
-        let route = table.get("/n").unwrap();
-        let verified = route
-            .adapter
-            .authenticate(&Incoming {
-                headers: &case.headers,
-                body: &case.body,
-                now: case.now,
-            })
-            .unwrap();
-        let event = serde_json::to_value(PaymentEvent::new(
-            "shop/route",
-            route.adapter.kind(),
-            verified,
-            case.now,
-        ))
-        .unwrap();
+        let event = case.run().unwrap();
         let errors: Vec<String> = validator
             .iter_errors(&event)
             .map(|e| format!("{} at {}", e, e.instance_path()))

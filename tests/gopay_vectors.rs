@@ -1,6 +1,8 @@
 //! The adapters against the GoPay-derived and synthetic vectors in `tests/vectors/gopay/`
 //! (copied from the project's shared research; see each file's `description`).
 
+mod support;
+
 use paynotify::crypto::{self, RsaHash};
 use paynotify::keys::{self, RsaPublicKey};
 use paynotify::provider::alipay::{self, Alipay, AlipaySignType};
@@ -368,13 +370,7 @@ fn wechat_v3_real_platform_signature_verifies_by_serial() {
     let adapter = Adapter::WechatPayV3(
         WechatPayV3::new(None, None, &[b'k'; 32], &[cert], None, 300).unwrap(),
     );
-    let mut headers = http::HeaderMap::new();
-    for (k, val) in v["inputs"]["headers"].as_object().unwrap() {
-        headers.insert(
-            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            val.as_str().unwrap().parse().unwrap(),
-        );
-    }
+    let headers = support::header_map(&v["inputs"]["headers"]);
     let now: i64 = s(&v, "inputs.headers.Wechatpay-Timestamp").parse().unwrap();
     let body = s(&v, "inputs.body").as_bytes();
     // The signature passes; the body is a synchronous response, not a notification.
@@ -437,13 +433,7 @@ fn wechat_v3_public_key_mode_notification() {
         )
         .unwrap(),
     );
-    let mut headers = http::HeaderMap::new();
-    for (k, val) in v["inputs"]["headers"].as_object().unwrap() {
-        headers.insert(
-            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            val.as_str().unwrap().parse().unwrap(),
-        );
-    }
+    let headers = support::header_map(&v["inputs"]["headers"]);
     let now: i64 = s(&v, "inputs.headers.Wechatpay-Timestamp").parse().unwrap();
     let body = s(&v, "inputs.raw_body").as_bytes();
     let ok = adapter

@@ -378,3 +378,42 @@ async fn reload_rotates_keys_without_a_failed_request() {
     let _ = stop_tx.send(true);
     server.await.unwrap();
 }
+
+/// On shutdown the listener stops accepting, and a request already in flight still gets
+/// its answer before the server returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_requests_in_flight() {
+    let key = TestKey::generate();
+    let downstream = Downstream::start().await;
+    *downstream.delay.lock().unwrap() = Duration::from_millis(600);
+    let ingress = support::ingress(alipay_setup(&key, &downstream.url), 1_800_000_000, TIMEOUT);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(run_listener(listener, ingress.router(), stop_rx));
+    let body = support::alipay_payment(&key, "2021000000000001", "4001");
+    let in_flight = tokio::spawn(async move {
+        let resp = reqwest::Client::new()
+            .post(format!("http://{addr}/a"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ingress.start_draining();
+    stop_tx.send(true).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no new connections after shutdown"
+    );
+    assert_eq!(in_flight.await.unwrap(), (200, "success".to_string()));
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(downstream.count(), 1);
+    assert!(!ingress.is_ready());
+}

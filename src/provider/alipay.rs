@@ -1,13 +1,12 @@
 //! Alipay asynchronous notifications: form POST, RSA2 (SHA256withRSA) or RSA (SHA1withRSA).
 
 use super::{
-    Incoming, Outcome, RejectReason, Rejection, Trace, Verified, china_time_to_rfc3339, form,
-    yuan_to_minor,
+    Incoming, Outcome, RejectReason, Rejection, TextFields, Trace, Verified, china_time_to_rfc3339,
+    form, yuan_to_minor,
 };
 use crate::crypto::{self, RsaHash, RsaVerifier};
 use crate::event::{Amount, EventType};
 use crate::keys::{KeyError, RsaPublicKey};
-use serde_json::{Map, Value};
 
 /// The signature types a route can be configured with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -103,11 +102,7 @@ impl Alipay {
         let params = form::parse(incoming.body)?;
         let charset = charset_of(&params)?;
         let text = decode_all(&params, charset)?;
-        if T::ENABLED {
-            for (k, v) in &text {
-                trace.field(k, v);
-            }
-        }
+        text.trace(trace, "");
         let sign = lookup(&params, b"sign")
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Rejection::new(RejectReason::MissingSignature, "no sign parameter"))?;
@@ -140,13 +135,7 @@ impl Alipay {
                 "signature does not verify",
             ));
         }
-        let field = |name: &str| {
-            text.iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        let app_id =
-            field("app_id").ok_or_else(|| Rejection::new(RejectReason::Malformed, "no app_id"))?;
+        let app_id = text.required("app_id", "the notification")?;
         if let Some(expected) = &self.app_id
             && app_id != expected
         {
@@ -179,7 +168,7 @@ fn charset_of(params: &form::Form) -> Outcome<Charset> {
 }
 
 /// Keys and values as UTF-8 text: checked for `utf-8`, converted for `GBK`.
-fn decode_all(params: &form::Form, charset: Charset) -> Outcome<Vec<(String, String)>> {
+fn decode_all(params: &form::Form, charset: Charset) -> Outcome<TextFields> {
     let decode = |bytes: &[u8]| -> Outcome<String> {
         match charset {
             Charset::Utf8 => String::from_utf8(bytes.to_vec()).map_err(|_| {
@@ -199,10 +188,8 @@ fn decode_all(params: &form::Form, charset: Charset) -> Outcome<Vec<(String, Str
                 }),
         }
     };
-    params
-        .iter()
-        .map(|(k, v)| Ok((decode(k)?, decode(v)?)))
-        .collect()
+    let pairs = params.iter().map(|(k, v)| Ok((decode(k)?, decode(v)?)));
+    pairs.collect::<Outcome<_>>().map(TextFields)
 }
 
 /// The signed string: every parameter except `sign` and `sign_type`, empty values included
@@ -225,24 +212,19 @@ pub fn sign_content(params: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-fn normalize(text: &[(String, String)], app_id: &str) -> Outcome<Verified> {
-    let field = |name: &str| {
-        text.iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .filter(|v| !v.is_empty())
-    };
-    let status = field("trade_status").ok_or_else(|| {
+fn normalize(text: &TextFields, app_id: &str) -> Outcome<Verified> {
+    let status = text.get("trade_status").ok_or_else(|| {
         Rejection::new(
             RejectReason::UnsupportedEvent,
             "no trade_status: not a trade notification",
         )
     })?;
-    let trade_no =
-        field("trade_no").ok_or_else(|| Rejection::new(RejectReason::Malformed, "no trade_no"))?;
-    let out_trade_no = field("out_trade_no")
-        .ok_or_else(|| Rejection::new(RejectReason::Malformed, "no out_trade_no"))?;
-    let refund_no = field("out_biz_no").filter(|_| field("refund_fee").is_some());
+    let trade_no = text.required("trade_no", "the notification")?;
+    let out_trade_no = text.required("out_trade_no", "the notification")?;
+    // Alipay reports refunds as a trade notification carrying the refund's fields.
+    let refund_no = text
+        .get("out_biz_no")
+        .filter(|_| text.get("refund_fee").is_some());
     let event_type = match (refund_no, status) {
         (Some(_), _) => EventType::RefundSucceeded,
         (None, "TRADE_SUCCESS") => EventType::PaymentSucceeded,
@@ -256,49 +238,36 @@ fn normalize(text: &[(String, String)], app_id: &str) -> Outcome<Verified> {
             ));
         }
     };
-    let amount_field = if refund_no.is_some() {
-        "refund_fee"
-    } else {
-        "total_amount"
+    let (amount_field, time_fields): (&str, &[&str]) = match refund_no {
+        Some(_) => ("refund_fee", &["gmt_refund", "gmt_close", "notify_time"]),
+        None => ("total_amount", &["gmt_close", "gmt_payment", "notify_time"]),
     };
-    let amount = match field(amount_field) {
-        Some(original) => Some(Amount {
-            value: yuan_to_minor(original).ok_or_else(|| {
+    let amount = text
+        .get(amount_field)
+        .map(|original| {
+            let value = yuan_to_minor(original).ok_or_else(|| {
                 Rejection::new(
                     RejectReason::Malformed,
                     format!("{amount_field} is not an amount in yuan"),
                 )
-            })?,
-            original: original.to_string(),
-            currency: field("currency").unwrap_or("CNY").to_string(),
-        }),
-        None => None,
-    };
-    let occurred_at = [
-        if refund_no.is_some() {
-            "gmt_refund"
-        } else {
-            ""
-        },
-        "gmt_close",
-        "gmt_payment",
-        "notify_time",
-    ]
-    .into_iter()
-    .filter(|f| !f.is_empty())
-    .find_map(|f| field(f).and_then(china_time_to_rfc3339));
-    let dedup_key = format!(
-        "alipay|{app_id}|{trade_no}|{status}|{}",
-        refund_no.unwrap_or("")
-    );
-    let data: Map<String, Value> = text
+            })?;
+            let currency = text.get("currency").unwrap_or("CNY").to_string();
+            Ok(Amount {
+                value,
+                original: original.to_string(),
+                currency,
+            })
+        })
+        .transpose()?;
+    let occurred_at = time_fields
         .iter()
-        .filter(|(k, _)| k != "sign")
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
+        .find_map(|f| text.get(f).and_then(china_time_to_rfc3339));
     Ok(Verified {
         event_type,
-        dedup_key,
+        dedup_key: format!(
+            "alipay|{app_id}|{trade_no}|{status}|{}",
+            refund_no.unwrap_or("")
+        ),
         amount,
         order_id: Some(out_trade_no.to_string()),
         transaction_id: Some(trade_no.to_string()),
@@ -306,6 +275,6 @@ fn normalize(text: &[(String, String)], app_id: &str) -> Outcome<Verified> {
         platform_refund_id: None,
         status: status.to_string(),
         occurred_at,
-        data,
+        data: text.to_object(&["sign"]),
     })
 }

@@ -299,6 +299,51 @@ const TEXT: &str = "text/plain; charset=utf-8";
 const XML: &str = "application/xml; charset=utf-8";
 const JSON: &str = "application/json";
 
+/// Decoded text fields of a form or XML notification, in arrival order, names unique.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct TextFields(pub(crate) Vec<(String, String)>);
+
+impl TextFields {
+    /// The value of `name`, empty or not.
+    pub(crate) fn raw(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The value of `name`; an empty value counts as absent, as the platforms send empty
+    /// elements for fields that do not apply.
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
+        self.raw(name).filter(|v| !v.is_empty())
+    }
+
+    /// The non-empty value of `name`, or a `Malformed` rejection saying where it is missing.
+    pub(crate) fn required(&self, name: &str, place: &str) -> Outcome<&str> {
+        self.get(name).ok_or_else(|| {
+            Rejection::new(RejectReason::Malformed, format!("{place} has no {name}"))
+        })
+    }
+
+    /// Every field but `skip` as a JSON object of strings (the event's `data`).
+    pub(crate) fn to_object(&self, skip: &[&str]) -> Map<String, Value> {
+        self.0
+            .iter()
+            .filter(|(k, _)| !skip.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect()
+    }
+
+    /// Records every field on `trace` under `prefix`.
+    pub(crate) fn trace<T: Trace>(&self, trace: &mut T, prefix: &str) {
+        if T::ENABLED {
+            for (k, v) in &self.0 {
+                trace.field(&format!("{prefix}{k}"), v);
+            }
+        }
+    }
+}
+
 /// Converts an amount given in yuan with up to two decimals ("88.88") to fen.
 pub(crate) fn yuan_to_minor(text: &str) -> Option<i64> {
     let (int, frac) = match text.split_once('.') {

@@ -2,13 +2,13 @@
 //! notifications whose `req_info` is AES-256-ECB encrypted.
 
 use super::{
-    Incoming, Outcome, RejectReason, Rejection, Trace, Verified, china_time_to_rfc3339,
+    Incoming, Outcome, RejectReason, Rejection, TextFields, Trace, Verified, china_time_to_rfc3339,
     compact_china_time_to_rfc3339, xml,
 };
 use crate::crypto;
 use crate::event::{Amount, EventType};
 use crate::keys::{KeyError, parse_ascii_secret};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// The signature types a route can be configured with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -102,24 +102,14 @@ impl WechatPayV2 {
     /// The adapter's pipeline, observed by `trace`.
     pub fn run<T: Trace>(&self, incoming: &Incoming<'_>, trace: &mut T) -> Outcome<Verified> {
         let fields = xml::parse(incoming.body)?;
-        if T::ENABLED {
-            for (k, v) in &fields {
-                trace.field(k, v);
-            }
-        }
-        let get = |name: &str| {
-            fields
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        if get("req_info").is_some() {
+        fields.trace(trace, "");
+        if fields.raw("req_info").is_some() {
             return self.refund(&fields, trace);
         }
-        let sign = get("sign")
-            .filter(|s| !s.is_empty())
+        let sign = fields
+            .get("sign")
             .ok_or_else(|| Rejection::new(RejectReason::MissingSignature, "no sign element"))?;
-        if let Some(declared) = get("sign_type").filter(|s| !s.is_empty())
+        if let Some(declared) = fields.get("sign_type")
             && declared != self.sign_type.as_str()
         {
             return Err(Rejection::new(
@@ -130,11 +120,11 @@ impl WechatPayV2 {
                 ),
             ));
         }
-        let content = sign_content(&fields, &self.api_key);
+        let content = sign_content(&fields.0, &self.api_key);
         let expected = self.sign(&content);
         if T::ENABLED {
-            let shown = content.len() - self.api_key.len();
-            let mut masked = content[..shown].to_vec();
+            // Show the signed string without the API key itself.
+            let mut masked = content[..content.len() - self.api_key.len()].to_vec();
             masked.extend_from_slice(b"<API key>");
             trace.signed_message(&masked);
             trace.algorithm(match self.sign_type {
@@ -165,7 +155,7 @@ impl WechatPayV2 {
                 "signature does not match",
             ));
         }
-        self.check_merchant(get("appid"), get("mch_id"))?;
+        self.check_merchant(&fields)?;
         normalize_payment(&fields)
     }
 
@@ -178,11 +168,9 @@ impl WechatPayV2 {
         }
     }
 
-    fn check_merchant(&self, app_id: Option<&str>, mch_id: Option<&str>) -> Outcome<()> {
-        for (name, got, want) in [
-            ("appid", app_id, &self.app_id),
-            ("mch_id", mch_id, &self.mch_id),
-        ] {
+    fn check_merchant(&self, fields: &TextFields) -> Outcome<()> {
+        for (name, want) in [("appid", &self.app_id), ("mch_id", &self.mch_id)] {
+            let got = fields.raw(name);
             if let Some(want) = want
                 && got != Some(want.as_str())
             {
@@ -195,50 +183,29 @@ impl WechatPayV2 {
         Ok(())
     }
 
-    fn refund<T: Trace>(&self, fields: &xml::Fields, trace: &mut T) -> Outcome<Verified> {
-        let get = |name: &str| {
-            fields
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
+    /// Refund notifications carry no signature: the encrypted `req_info` authenticates them.
+    fn refund<T: Trace>(&self, fields: &TextFields, trace: &mut T) -> Outcome<Verified> {
         let failed = |detail: String| Rejection::new(RejectReason::DecryptFailed, detail);
-        let req_info = get("req_info").unwrap_or_default();
         if T::ENABLED {
             trace.algorithm("AES-256-ECB, key = lower-case hex MD5(API key), PKCS#7");
             trace.note(format!("API key fingerprint: {}", self.key_fingerprint()));
         }
+        let req_info = fields.raw("req_info").unwrap_or_default();
         let cipher = crypto::base64_decode(req_info.as_bytes())
             .ok_or_else(|| failed("req_info is not base64".into()))?;
         let plain = crypto::aes256_ecb_decrypt(&self.refund_key, &cipher)
             .map_err(|e| failed(format!("req_info: {e}")))?;
         let inner = xml::parse(&plain)
             .map_err(|e| failed(format!("req_info plaintext is not the expected XML: {e}")))?;
-        if T::ENABLED {
-            for (k, v) in &inner {
-                trace.field(&format!("req_info.{k}"), v);
-            }
-        }
-        if get("return_code") != Some("SUCCESS") {
+        inner.trace(trace, "req_info.");
+        if fields.get("return_code") != Some("SUCCESS") {
             return Err(Rejection::new(
                 RejectReason::UnsupportedEvent,
                 "return_code is not SUCCESS",
             ));
         }
-        self.check_merchant(get("appid"), get("mch_id"))?;
-        let inner_get = |name: &str| {
-            inner
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-                .filter(|v| !v.is_empty())
-        };
-        let required = |name: &str| {
-            inner_get(name).ok_or_else(|| {
-                Rejection::new(RejectReason::Malformed, format!("req_info has no {name}"))
-            })
-        };
-        let status = required("refund_status")?;
+        self.check_merchant(fields)?;
+        let status = inner.required("refund_status", "req_info")?;
         let event_type = match status {
             "SUCCESS" => EventType::RefundSucceeded,
             "CHANGE" => EventType::RefundAbnormal,
@@ -250,33 +217,25 @@ impl WechatPayV2 {
                 ));
             }
         };
-        let refund_id = required("refund_id")?;
-        let amount = fen_amount(required("refund_fee")?, "CNY", "refund_fee")?;
-        let mch_id = get("mch_id").unwrap_or_default();
-        let mut data: Map<String, Value> = fields
-            .iter()
-            .filter(|(k, _)| k != "req_info")
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect();
-        data.insert(
-            "req_info".into(),
-            Value::Object(
-                inner
-                    .iter()
-                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-                    .collect(),
-            ),
-        );
+        let refund_id = inner.required("refund_id", "req_info")?;
+        let amount = fen_amount(
+            inner.required("refund_fee", "req_info")?,
+            "CNY",
+            "refund_fee",
+        )?;
+        let mch_id = fields.get("mch_id").unwrap_or_default();
+        let mut data = fields.to_object(&["req_info"]);
+        data.insert("req_info".into(), Value::Object(inner.to_object(&[])));
         Ok(Verified {
             event_type,
             dedup_key: format!("wechatpay-v2|{mch_id}|refund|{refund_id}|{status}"),
             amount: Some(amount),
-            order_id: inner_get("out_trade_no").map(str::to_string),
-            transaction_id: inner_get("transaction_id").map(str::to_string),
-            refund_id: inner_get("out_refund_no").map(str::to_string),
+            order_id: inner.get("out_trade_no").map(str::to_string),
+            transaction_id: inner.get("transaction_id").map(str::to_string),
+            refund_id: inner.get("out_refund_no").map(str::to_string),
             platform_refund_id: Some(refund_id.to_string()),
             status: status.to_string(),
-            occurred_at: inner_get("success_time").and_then(china_time_to_rfc3339),
+            occurred_at: inner.get("success_time").and_then(china_time_to_rfc3339),
             data,
         })
     }
@@ -320,24 +279,14 @@ fn fen_amount(text: &str, currency: &str, field: &str) -> Outcome<Amount> {
     })
 }
 
-fn normalize_payment(fields: &xml::Fields) -> Outcome<Verified> {
-    let get = |name: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .filter(|v| !v.is_empty())
-    };
-    let required = |name: &str| {
-        get(name).ok_or_else(|| Rejection::new(RejectReason::Malformed, format!("no {name}")))
-    };
-    if get("return_code") != Some("SUCCESS") {
+fn normalize_payment(fields: &TextFields) -> Outcome<Verified> {
+    if fields.get("return_code") != Some("SUCCESS") {
         return Err(Rejection::new(
             RejectReason::UnsupportedEvent,
             "return_code is not SUCCESS",
         ));
     }
-    let status = required("result_code")?;
+    let status = fields.required("result_code", "the notification")?;
     let event_type = match status {
         "SUCCESS" => EventType::PaymentSucceeded,
         "FAIL" => EventType::PaymentFailed,
@@ -348,21 +297,17 @@ fn normalize_payment(fields: &xml::Fields) -> Outcome<Verified> {
             ));
         }
     };
-    let out_trade_no = required("out_trade_no")?;
-    let transaction_id = get("transaction_id");
-    if event_type == EventType::PaymentSucceeded && transaction_id.is_none() {
-        return Err(Rejection::new(RejectReason::Malformed, "no transaction_id"));
-    }
-    let amount = get("total_fee")
-        .map(|t| fen_amount(t, get("fee_type").unwrap_or("CNY"), "total_fee"))
+    let out_trade_no = fields.required("out_trade_no", "the notification")?;
+    let transaction_id = match event_type {
+        EventType::PaymentSucceeded => Some(fields.required("transaction_id", "the notification")?),
+        _ => fields.get("transaction_id"),
+    };
+    let amount = fields
+        .get("total_fee")
+        .map(|t| fen_amount(t, fields.get("fee_type").unwrap_or("CNY"), "total_fee"))
         .transpose()?;
-    let mch_id = required("mch_id")?;
-    let appid = get("appid").unwrap_or_default();
-    let data: Map<String, Value> = fields
-        .iter()
-        .filter(|(k, _)| k != "sign")
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
+    let mch_id = fields.required("mch_id", "the notification")?;
+    let appid = fields.get("appid").unwrap_or_default();
     Ok(Verified {
         event_type,
         dedup_key: format!(
@@ -375,7 +320,9 @@ fn normalize_payment(fields: &xml::Fields) -> Outcome<Verified> {
         refund_id: None,
         platform_refund_id: None,
         status: status.to_string(),
-        occurred_at: get("time_end").and_then(compact_china_time_to_rfc3339),
-        data,
+        occurred_at: fields
+            .get("time_end")
+            .and_then(compact_china_time_to_rfc3339),
+        data: fields.to_object(&["sign"]),
     })
 }

@@ -4,18 +4,15 @@
 //! joined, `\r\n` and stray `\r` become `\n`, the five predefined entities and character
 //! references decoded, nothing trimmed).
 
-use super::{Outcome, RejectReason, Rejection};
+use super::{Outcome, RejectReason, Rejection, TextFields};
 use quick_xml::Reader;
 use quick_xml::events::Event;
 
 /// The most child elements a notification may carry.
 const MAX_FIELDS: usize = 256;
 
-/// Parsed fields in document order; names are unique.
-pub(crate) type Fields = Vec<(String, String)>;
-
 /// Parses `body` as `<root><name>value</name>…</root>`.
-pub(crate) fn parse(body: &[u8]) -> Outcome<Fields> {
+pub(crate) fn parse(body: &[u8]) -> Outcome<TextFields> {
     let text = std::str::from_utf8(body)
         .map_err(|_| Rejection::new(RejectReason::InvalidUtf8, "XML body is not UTF-8"))?;
     let malformed = |what: String| Rejection::new(RejectReason::Malformed, what);
@@ -26,7 +23,7 @@ pub(crate) fn parse(body: &[u8]) -> Outcome<Fields> {
     config.allow_dangling_amp = false;
     config.expand_empty_elements = true;
 
-    let mut fields: Fields = Vec::new();
+    let mut fields: Vec<(String, String)> = Vec::new();
     let mut depth = 0usize;
     let mut seen_root = false;
     let mut current: Option<(String, String)> = None;
@@ -137,7 +134,7 @@ pub(crate) fn parse(body: &[u8]) -> Outcome<Fields> {
     if !seen_root || depth != 0 {
         return Err(malformed("XML document is incomplete".into()));
     }
-    Ok(fields)
+    Ok(TextFields(fields))
 }
 
 /// `expand_empty_elements` turns `<a/>` into Start+End, so Empty never arrives.
@@ -164,7 +161,7 @@ mod tests {
     fn reads_flat_documents_like_go() {
         let f = parse(b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><xml><a><![CDATA[x]]>y</a><b>1&amp;2&#x41;</b><c></c><d/>\r\n<e>l1\r\nl2</e></xml>").unwrap();
         assert_eq!(
-            f,
+            f.0,
             vec![
                 ("a".into(), "xy".into()),
                 ("b".into(), "1&2A".into()),

@@ -34,6 +34,25 @@ pub struct Case {
 }
 
 impl Case {
+    /// Runs the case through its route's adapter; on success, the event it would deliver.
+    pub fn run(&self) -> Result<Value, paynotify::provider::Rejection> {
+        let table = table_for(&self.route, "/n", json!([{"log": {}}]), &fixtures_dir());
+        let route = table.get("/n").unwrap();
+        let incoming = paynotify::provider::Incoming {
+            headers: &self.headers,
+            body: &self.body,
+            now: self.now,
+        };
+        let verified = route.adapter.authenticate(&incoming)?;
+        let event = paynotify::event::PaymentEvent::new(
+            "shop/route",
+            route.adapter.kind(),
+            verified,
+            self.now,
+        );
+        Ok(serde_json::to_value(event).unwrap())
+    }
+
     pub fn accepts(&self) -> bool {
         self.expect["accept"].as_bool().unwrap()
     }
@@ -56,13 +75,7 @@ pub fn cases() -> Vec<Case> {
             .filter(|f| f.extension().is_some_and(|e| e == "json"))
         {
             let v: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-            let mut headers = http::HeaderMap::new();
-            for (k, val) in v["request"]["headers"].as_object().unwrap() {
-                headers.append(
-                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                    val.as_str().unwrap().parse().unwrap(),
-                );
-            }
+            let headers = header_map(&v["request"]["headers"]);
             let body = match (
                 v["request"]["body"].as_str(),
                 v["request"]["bodyBase64"].as_str(),
@@ -88,6 +101,18 @@ pub fn cases() -> Vec<Case> {
     }
     assert!(out.len() > 40, "fixture cases are missing");
     out
+}
+
+/// A header map from a JSON object of strings.
+pub fn header_map(object: &Value) -> http::HeaderMap {
+    let mut headers = http::HeaderMap::new();
+    for (k, val) in object.as_object().unwrap() {
+        headers.append(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            val.as_str().unwrap().parse().unwrap(),
+        );
+    }
+    headers
 }
 
 /// Compiles a table with one route at `path`, using the case's provider block.
