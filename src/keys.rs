@@ -590,4 +590,44 @@ mod tests {
             Err(KeyError::UnsupportedPem(_))
         ));
     }
+
+    const RSA_1024: &str = "-----BEGIN PUBLIC KEY-----
+MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQC0m7N/zIEwh8G47JlzWT+cI5Jl
+/9orClRm+D64iD/dCb3Yx12NWYMPQ/672ApfBIEkoVoDeQASd7cijUt3GZM3Xi8I
+FbqOFL5ddECofdLKLjRln576GRDFQTt8OePraqTknXMl7ao+0HD4ZdY3lX2dGFaw
+oWWAC56tt796Nu/sRQIDAQAB
+-----END PUBLIC KEY-----
+";
+
+    #[test]
+    fn short_keys_are_refused_by_size() {
+        let key = RsaPublicKey::parse(RSA_1024.as_bytes()).unwrap();
+        assert_eq!(key.bits(), 1024);
+        assert_eq!(
+            key.verifier(RsaHash::Sha256, 2048).unwrap_err(),
+            KeyError::TooShort {
+                bits: 1024,
+                min: 2048
+            }
+        );
+        assert!(key.verifier(RsaHash::Sha1, 1024).is_ok());
+        assert!(
+            KeyError::TooShort {
+                bits: 1024,
+                min: 2048
+            }
+            .to_string()
+            .contains("too short")
+        );
+    }
+
+    #[test]
+    fn the_same_key_has_one_fingerprint_in_every_encoding() {
+        let pem = RsaPublicKey::parse(RSA_1024.as_bytes()).unwrap();
+        let der = pem.spki_der().to_vec();
+        let one_line = crypto::base64_encode(&der);
+        let from_line = RsaPublicKey::parse(one_line.as_bytes()).unwrap();
+        assert_eq!(from_line.format, KeyFormat::Base64Spki);
+        assert_eq!(from_line.fingerprint(), pem.fingerprint());
+    }
 }

@@ -272,3 +272,42 @@ fn serve_refuses_a_bad_config_at_start() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn verify_shows_alipay_certificate_sns() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let case: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("cases/alipay/alipay_rsa2_cert_mode.json")).unwrap(),
+    )
+    .unwrap();
+    let body = std::env::temp_dir().join(format!("paynotify-cert-{}.txt", std::process::id()));
+    std::fs::write(&body, case["request"]["body"].as_str().unwrap()).unwrap();
+    let cert = fixtures.join("keys/alipayCertPublicKey_RSA2.crt");
+    let root = fixtures.join("keys/alipayRootCert.crt");
+    let (code, out) = verify(&[
+        "--provider",
+        "alipay",
+        "--key",
+        cert.to_str().unwrap(),
+        "--root-cert",
+        root.to_str().unwrap(),
+        body.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&body).unwrap();
+    assert_eq!(code, 0, "{out}");
+    let leaf = paynotify::keys::parse_certificate_pem(&std::fs::read(&cert).unwrap()).unwrap();
+    let root_sn = paynotify::keys::alipay_root_cert_sn(&std::fs::read(&root).unwrap()).unwrap();
+    assert_eq!(leaf.alipay_sn.len(), 32);
+    assert!(
+        out.contains(&format!("alipay_cert_sn: {}", leaf.alipay_sn)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("alipay_root_cert_sn: {root_sn}")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("certificate issuer: {}", leaf.issuer)),
+        "{out}"
+    );
+}

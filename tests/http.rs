@@ -37,6 +37,14 @@ async fn fixtures_through_the_router() {
             assert_eq!(delivered.len(), 1, "{}: one delivery", case.name);
             let event = support::check_webhook(&delivered[0], WEBHOOK_SECRET);
             assert_eq!(event["type"], case.expect["eventType"], "{}", case.name);
+            for (field, got) in [
+                ("orderId", &event["orderId"]),
+                ("amount", &event["amount"]["value"]),
+            ] {
+                if !case.expect[field].is_null() {
+                    assert_eq!(got, &case.expect[field], "{}: {field}", case.name);
+                }
+            }
             assert_eq!(event["route"], "test-route");
             assert_eq!(event["provider"], case.provider.as_str());
             match case.provider.as_str() {
