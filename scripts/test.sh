@@ -5,12 +5,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "error: cargo is required (Rust 1.95)" >&2; exit 1; }
-command -v kill >/dev/null || { echo "error: kill (procps) is required by the serve tests" >&2; exit 1; }
+for tool in kill go taskset getconf; do
+  command -v "$tool" >/dev/null || { echo "error: $tool is required by the tests" >&2; exit 1; }
+done
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --workspace --all-targets -- -D warnings
 echo "==> cargo test"
-cargo test --locked --all-targets
+cargo test --locked --workspace --all-targets
+echo "==> GoPay reference peer: go vet and go test"
+(cd bench/peers/gopay && GOTOOLCHAIN=local GOFLAGS=-mod=readonly go vet ./... && GOTOOLCHAIN=local GOFLAGS=-mod=readonly go test ./...)
+echo "==> benchmark smoke run"
+bash bench/run.sh --smoke
 echo "==> all tests passed"

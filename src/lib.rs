@@ -7,5 +7,7 @@ pub mod ingress;
 pub mod inspect;
 pub mod keys;
 pub mod provider;
+#[cfg(feature = "signer")]
+pub mod signer;
 pub mod spec;
 pub mod table;

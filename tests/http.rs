@@ -93,7 +93,7 @@ async fn fixtures_through_the_router() {
 
 fn alipay_setup(key: &TestKey, url: &str) -> paynotify::table::RoutingTable {
     support::table_for(
-        &json!({"alipay": {"appId": "2021000000000001", "signType": "RSA2", "publicKey": {"value": key.spki_pem()}}}),
+        &json!({"alipay": {"appId": "2021000000000001", "signType": "RSA2", "publicKey": {"value": key.spki_pem().unwrap()}}}),
         "/a",
         json!([{"url": url}]),
         &support::fixtures_dir(),
@@ -102,7 +102,7 @@ fn alipay_setup(key: &TestKey, url: &str) -> paynotify::table::RoutingTable {
 
 #[tokio::test]
 async fn resent_notification_is_delivered_once() {
-    let key = TestKey::generate();
+    let key = support::test_key();
     let downstream = Downstream::start().await;
     let ingress = support::ingress(alipay_setup(&key, &downstream.url), 1_800_000_000, TIMEOUT);
     let body = support::alipay_payment(&key, "2021000000000001", "1001");
@@ -128,7 +128,7 @@ async fn resent_notification_is_delivered_once() {
 
 #[tokio::test]
 async fn concurrent_copies_are_delivered_once() {
-    let key = TestKey::generate();
+    let key = support::test_key();
     let downstream = Downstream::start().await;
     *downstream.delay.lock().unwrap() = Duration::from_millis(200);
     let ingress = support::ingress(alipay_setup(&key, &downstream.url), 1_800_000_000, TIMEOUT);
@@ -146,7 +146,7 @@ async fn concurrent_copies_are_delivered_once() {
 
 #[tokio::test]
 async fn downstream_down_slow_or_failing_gets_the_failure_answer() {
-    let key = TestKey::generate();
+    let key = support::test_key();
     let headers = http::HeaderMap::new();
     // Down: nothing listens on this port.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -194,12 +194,12 @@ async fn downstream_down_slow_or_failing_gets_the_failure_answer() {
 
 #[tokio::test]
 async fn every_target_must_accept() {
-    let key = TestKey::generate();
+    let key = support::test_key();
     let good = Downstream::start().await;
     let bad = Downstream::start().await;
     *bad.status.lock().unwrap() = 409;
     let table = support::table_for(
-        &json!({"alipay": {"appId": "2021000000000001", "signType": "RSA2", "publicKey": {"value": key.spki_pem()}}}),
+        &json!({"alipay": {"appId": "2021000000000001", "signType": "RSA2", "publicKey": {"value": key.spki_pem().unwrap()}}}),
         "/a",
         json!([{"url": good.url}, {"url": bad.url}]),
         &support::fixtures_dir(),
@@ -215,7 +215,7 @@ async fn every_target_must_accept() {
 
 #[tokio::test]
 async fn oversize_unknown_path_and_wrong_method() {
-    let key = TestKey::generate();
+    let key = support::test_key();
     let downstream = Downstream::start().await;
     let ingress = support::ingress(alipay_setup(&key, &downstream.url), 1_800_000_000, TIMEOUT);
     let router = ingress.router();
@@ -245,8 +245,8 @@ async fn oversize_unknown_path_and_wrong_method() {
 
 #[tokio::test]
 async fn wechat_v3_end_to_end_with_platform_certificate() {
-    let key = TestKey::generate();
-    let cert = key.certificate(&[0x5A, 0x01, 0x02]);
+    let key = support::test_key();
+    let cert = key.certificate(&[0x5A, 0x01, 0x02]).unwrap();
     let downstream = Downstream::start().await;
     let api_v3_key = *b"0123456789abcdef0123456789abcdef";
     let table = support::table_for(
@@ -273,7 +273,7 @@ async fn wechat_v3_end_to_end_with_platform_certificate() {
     let delivered = downstream.take();
     let event = support::check_webhook(&delivered[0], WEBHOOK_SECRET);
     assert_eq!(event["type"], "payment.succeeded");
-    assert_eq!(event["data"]["resource"]["payer"]["openid"], "o-test");
+    assert_eq!(event["data"]["resource"]["payer"]["openid"], "o-bench");
     assert!(
         event["data"]["notification"]["resource"]
             .get("ciphertext")
@@ -286,9 +286,12 @@ async fn wechat_v3_end_to_end_with_platform_certificate() {
 /// {old} to {old, new} to {new}. No request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_rotates_keys_without_a_failed_request() {
-    let old = TestKey::generate();
-    let new = TestKey::generate();
-    let (old_cert, new_cert) = (old.certificate(&[0x01]), new.certificate(&[0x02]));
+    let old = support::test_key();
+    let new = support::test_key();
+    let (old_cert, new_cert) = (
+        old.certificate(&[0x01]).unwrap(),
+        new.certificate(&[0x02]).unwrap(),
+    );
     let api_v3_key = *b"0123456789abcdef0123456789abcdef";
     let downstream = Downstream::start().await;
     let table = |certs: Vec<&String>, generation: u64| {
@@ -391,7 +394,7 @@ async fn reload_rotates_keys_without_a_failed_request() {
 /// its answer before the server returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_requests_in_flight() {
-    let key = TestKey::generate();
+    let key = support::test_key();
     let downstream = Downstream::start().await;
     *downstream.delay.lock().unwrap() = Duration::from_millis(600);
     let ingress = support::ingress(alipay_setup(&key, &downstream.url), 1_800_000_000, TIMEOUT);

@@ -84,7 +84,7 @@ async fn handle(ingress: &Ingress, route: &Route, request: Request) -> (Outcome,
     let event = PaymentEvent::new(&route.name, route.adapter.kind(), verified, now);
     let delivered = match ingress.dedup.claim(&event.id, Instant::now()) {
         Claim::Duplicate => {
-            tracing::info!(route = %route.name, event_id = %event.id, "duplicate of a delivered notification");
+            tracing::debug!(route = %route.name, event_id = %event.id, "duplicate of a delivered notification");
             return (Outcome::Duplicate, route.adapter.success());
         }
         Claim::InFlight(rx) => {
@@ -103,7 +103,7 @@ async fn handle(ingress: &Ingress, route: &Route, request: Request) -> (Outcome,
             ingress.metrics.dedup_evictions.inc_by(evicted as u64);
             match result {
                 Ok(()) => {
-                    tracing::info!(route = %route.name, event_id = %event.id, event_type = event.event_type.as_str(), "notification verified and delivered")
+                    tracing::debug!(route = %route.name, event_id = %event.id, event_type = event.event_type.as_str(), "notification verified and delivered")
                 }
                 Err(e) => {
                     tracing::warn!(route = %route.name, event_id = %event.id, error = %e, "delivery failed; the platform will retry")

@@ -2,8 +2,6 @@
 //! an in-process ingress and a recording downstream server.
 #![allow(dead_code)]
 
-use aws_lc_rs::rand::SystemRandom;
-use aws_lc_rs::signature::{self, KeyPair, RsaKeyPair};
 use paynotify::delivery::Forwarder;
 use paynotify::delivery::dedup::Dedup;
 use paynotify::ingress::{Ingress, Limits};
@@ -250,119 +248,17 @@ pub async fn send(
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// An RSA-2048 key that signs like a platform (our own signer, for dynamic tests).
-pub struct TestKey {
-    pair: RsaKeyPair,
-    pkcs8: Vec<u8>,
-}
+/// A platform key for tests.
+pub type TestKey = paynotify::signer::PlatformKey;
 
-impl TestKey {
-    pub fn generate() -> TestKey {
-        let pair = RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
-        let pkcs8 = aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair)
-            .unwrap()
-            .as_ref()
-            .to_vec();
-        TestKey { pair, pkcs8 }
-    }
-
-    pub fn spki_pem(&self) -> String {
-        let spki = aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(
-            self.pair.public_key(),
-        )
-        .unwrap();
-        let b64 = paynotify::crypto::base64_encode(spki.as_ref());
-        let lines: Vec<&str> = b64
-            .as_bytes()
-            .chunks(64)
-            .map(|c| std::str::from_utf8(c).unwrap())
-            .collect();
-        format!(
-            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
-            lines.join("\n")
-        )
-    }
-
-    pub fn sign_sha256(&self, message: &[u8]) -> String {
-        let mut sig = vec![0u8; self.pair.public_modulus_len()];
-        self.pair
-            .sign(
-                &signature::RSA_PKCS1_SHA256,
-                &SystemRandom::new(),
-                message,
-                &mut sig,
-            )
-            .unwrap();
-        paynotify::crypto::base64_encode(&sig)
-    }
-
-    /// A self-signed certificate for this key with the given serial, PEM.
-    pub fn certificate(&self, serial: &[u8]) -> String {
-        let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
-            &self.pkcs8.clone().into(),
-            &rcgen::PKCS_RSA_SHA256,
-        )
-        .unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.serial_number = Some(rcgen::SerialNumber::from_slice(serial));
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "Tenpay.com sign");
-        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        params.not_after = rcgen::date_time_ymd(2040, 1, 1);
-        params.self_signed(&key).unwrap().pem()
-    }
-}
-
-/// A signed Alipay notification body (RSA2) for `params`.
-pub fn alipay_body(key: &TestKey, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut sorted: Vec<_> = params.to_vec();
-    sorted.sort();
-    let content: String = sorted
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&");
-    let sig = key.sign_sha256(content.as_bytes());
-    let mut form: Vec<String> = params
-        .iter()
-        .map(|(k, v)| format!("{k}={}", form_escape(v)))
-        .collect();
-    form.push(format!("sign={}", form_escape(&sig)));
-    form.push("sign_type=RSA2".into());
-    form.join("&").into_bytes()
-}
-
-fn form_escape(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'*' => {
-                (b as char).to_string()
-            }
-            b' ' => "+".into(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+/// A fresh platform key (test shorthand).
+pub fn test_key() -> TestKey {
+    TestKey::generate().unwrap()
 }
 
 /// A typical Alipay payment notification for order `order`.
 pub fn alipay_payment(key: &TestKey, app_id: &str, order: &str) -> Vec<u8> {
-    let trade = format!("2026120322001{order}");
-    alipay_body(
-        key,
-        &[
-            ("app_id", app_id),
-            ("charset", "utf-8"),
-            ("notify_id", &format!("n-{order}")),
-            ("notify_type", "trade_status_sync"),
-            ("out_trade_no", order),
-            ("trade_no", &trade),
-            ("trade_status", "TRADE_SUCCESS"),
-            ("total_amount", "12.34"),
-            ("gmt_payment", "2026-12-03 12:00:05"),
-            ("version", "1.0"),
-        ],
-    )
+    paynotify::signer::alipay_payment(key, app_id, order).unwrap()
 }
 
 /// A signed and encrypted WeChat Pay APIv3 notification: headers and body.
@@ -374,59 +270,20 @@ pub fn wechat_v3_request(
     event_type: &str,
     ts: i64,
 ) -> (http::HeaderMap, Vec<u8>) {
-    use aws_lc_rs::aead;
-    let nonce = b"nonce0123456";
-    let sealing =
-        aead::LessSafeKey::new(aead::UnboundKey::new(&aead::AES_256_GCM, api_v3_key).unwrap());
-    let mut data = serde_json::to_vec(resource).unwrap();
-    sealing
-        .seal_in_place_append_tag(
-            aead::Nonce::assume_unique_for_key(*nonce),
-            aead::Aad::from(b"transaction"),
-            &mut data,
-        )
-        .unwrap();
-    let body = serde_json::to_vec(&json!({
-        "id": format!("EV-{ts}"),
-        "create_time": "2026-12-03T12:00:06+08:00",
-        "resource_type": "encrypt-resource",
-        "event_type": event_type,
-        "summary": "test",
-        "resource": {
-            "original_type": "transaction",
-            "algorithm": "AEAD_AES_256_GCM",
-            "ciphertext": paynotify::crypto::base64_encode(&data),
-            "associated_data": "transaction",
-            "nonce": std::str::from_utf8(nonce).unwrap(),
-        }
-    }))
-    .unwrap();
-    let nonce_header = "c4682f0902e4c7fd5cfb7568a2a45e1b";
-    let mut message = format!("{ts}\n{nonce_header}\n").into_bytes();
-    message.extend_from_slice(&body);
-    message.push(b'\n');
+    let signed =
+        paynotify::signer::wechat_v3_request(key, serial, api_v3_key, resource, event_type, ts)
+            .unwrap();
     let mut headers = http::HeaderMap::new();
-    headers.insert("content-type", "application/json".parse().unwrap());
-    headers.insert("wechatpay-timestamp", ts.to_string().parse().unwrap());
-    headers.insert("wechatpay-nonce", nonce_header.parse().unwrap());
-    headers.insert("wechatpay-serial", serial.parse().unwrap());
-    headers.insert(
-        "wechatpay-signature-type",
-        "WECHATPAY2-SHA256-RSA2048".parse().unwrap(),
-    );
-    headers.insert(
-        "wechatpay-signature",
-        key.sign_sha256(&message).parse().unwrap(),
-    );
-    (headers, body)
+    for (k, v) in signed.headers {
+        headers.insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    (headers, signed.body)
 }
 
-/// A WeChat Pay APIv3 TRANSACTION.SUCCESS resource.
+/// A WeChat Pay APIv3 TRANSACTION.SUCCESS resource for `order`.
 pub fn v3_transaction(mch_id: &str, order: &str) -> Value {
-    json!({
-        "mchid": mch_id, "appid": "wx0000000000000001", "out_trade_no": order,
-        "transaction_id": format!("42000000{order}"), "trade_type": "JSAPI", "trade_state": "SUCCESS",
-        "trade_state_desc": "ok", "bank_type": "OTHERS", "attach": "", "success_time": "2026-12-03T12:00:05+08:00",
-        "payer": {"openid": "o-test"}, "amount": {"total": 100, "payer_total": 100, "currency": "CNY", "payer_currency": "CNY"}
-    })
+    paynotify::signer::wechat_v3_transaction(mch_id, order)
 }
