@@ -253,7 +253,7 @@ impl Corpus {
                 "/wxv2-md5": {"provider": "wechatpay-v2", "appId": WX_APP_ID, "mchId": MCH_ID, "signType": "MD5", "apiKey": API_KEY},
                 "/wxv2-hmac": {"provider": "wechatpay-v2", "appId": WX_APP_ID, "mchId": MCH_ID, "signType": "HMAC-SHA256", "apiKey": API_KEY},
                 "/wxv3": {"provider": "wechatpay-v3", "mchId": MCH_ID, "apiV3Key": String::from_utf8_lossy(API_V3_KEY),
-                          "platformCertificates": [{"serial": SERIAL, "pem": self.v3_cert}]},
+                          "platformCertificates": [{"serial": SERIAL, "pem": self.v3_cert}], "maxClockSkewSeconds": 3600},
             }
         });
         std::fs::write(path, serde_json::to_vec_pretty(&config)?)?;
