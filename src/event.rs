@@ -4,6 +4,7 @@
 use crate::crypto;
 use crate::provider::{ProviderKind, Verified};
 use serde::Serialize;
+use serde::ser::SerializeMap;
 use serde_json::{Map, Value};
 
 /// Version of the event schema; bumped on incompatible changes.
@@ -103,7 +104,78 @@ pub struct PaymentEvent {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub platform_refund_id: Option<String>,
     /// Every verified platform field.
-    pub data: Map<String, Value>,
+    pub data: EventData,
+}
+
+/// Every verified platform field, as the event's `data` object. Form and XML fields stay in
+/// the order the platform sent them and are moved, not copied, into the event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventData {
+    /// Text fields (Alipay, WeChat Pay v2), with an optional nested object of decrypted
+    /// fields (`req_info` of v2 refunds).
+    Fields {
+        /// The fields, in arrival order.
+        fields: Vec<(String, String)>,
+        /// A named object of further fields.
+        nested: Option<(&'static str, Vec<(String, String)>)>,
+    },
+    /// A JSON object (WeChat Pay APIv3).
+    Json(Map<String, Value>),
+}
+
+impl Default for EventData {
+    fn default() -> Self {
+        EventData::Fields {
+            fields: Vec::new(),
+            nested: None,
+        }
+    }
+}
+
+impl EventData {
+    /// Flat text fields.
+    pub fn fields(fields: Vec<(String, String)>) -> Self {
+        EventData::Fields {
+            fields,
+            nested: None,
+        }
+    }
+
+    /// The data as a JSON value (for tests and tools; events serialize it directly).
+    pub fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+struct FieldsObject<'a>(&'a [(String, String)]);
+
+impl Serialize for FieldsObject<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for EventData {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            EventData::Json(map) => map.serialize(s),
+            EventData::Fields { fields, nested } => {
+                let mut map =
+                    s.serialize_map(Some(fields.len() + usize::from(nested.is_some())))?;
+                for (k, v) in fields {
+                    map.serialize_entry(k, v)?;
+                }
+                if let Some((name, inner)) = nested {
+                    map.serialize_entry(name, &FieldsObject(inner))?;
+                }
+                map.end()
+            }
+        }
+    }
 }
 
 /// The event id for a dedup key: `evt_` and 32 hex digits of its SHA-256.

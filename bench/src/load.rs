@@ -34,6 +34,8 @@ pub struct LoadResult {
     pub elapsed: Duration,
     /// Latency from intended send to answer, microseconds.
     pub latency: Histogram<u64>,
+    /// How busy the load generator's core was (filled in by the runner).
+    pub client_core_busy: f64,
 }
 
 impl LoadResult {
@@ -110,5 +112,6 @@ pub async fn run(
         errors,
         elapsed,
         latency,
+        client_core_busy: 0.0,
     })
 }

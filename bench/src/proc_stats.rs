@@ -38,3 +38,29 @@ fn clock_ticks() -> Result<f64, Error> {
         .output()?;
     Ok(String::from_utf8(out.stdout)?.trim().parse()?)
 }
+
+/// Busy and total jiffies of one CPU, from /proc/stat.
+pub fn cpu_jiffies(cpu: usize) -> Result<(u64, u64), Error> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let name = format!("cpu{cpu} ");
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with(&name))
+        .ok_or("no such cpu in /proc/stat")?;
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = values.iter().sum();
+    // idle + iowait
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
+}
+
+/// Fraction of the time `cpu` was busy between two readings of [`cpu_jiffies`].
+pub fn busy_fraction(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let busy = after.0.saturating_sub(before.0) as f64;
+    let total = after.1.saturating_sub(before.1) as f64;
+    if total > 0.0 { busy / total } else { 0.0 }
+}

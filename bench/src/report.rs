@@ -20,7 +20,7 @@ pub struct Measurement {
     /// Peak RSS of the server after the fixed-rate run.
     pub peak_rss_mib: f64,
     /// Highest sustainable rate found.
-    pub max_rate: f64,
+    pub max: crate::run::MaxRate,
 }
 
 fn command_line(cmd: &str, args: &[&str]) -> String {
@@ -95,22 +95,23 @@ pub fn render(
     )?;
     writeln!(
         out,
-        "| Provider | Server | Max sustainable (notifications/s) | p50 ms @{0:.0}/s | p99 ms @{0:.0}/s | p99.9 ms @{0:.0}/s | CPU s per 1000 | Peak RSS MiB |",
+        "| Provider | Server | Max sustainable (notifications/s) | Client core busy at max | p50 ms @{0:.0}/s | p99 ms @{0:.0}/s | p99.9 ms @{0:.0}/s | CPU s per 1000 | Peak RSS MiB |",
         plan.fixed_rate
     )?;
-    writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|")?;
     for m in ms {
-        let cap = if m.max_rate >= plan.search_cap {
+        let cap = if m.max.rate >= plan.search_cap {
             "≥ "
         } else {
             ""
         };
         writeln!(
             out,
-            "| {} | {} | {cap}{:.0} | {:.2} | {:.2} | {:.2} | {:.3} | {:.1} |",
+            "| {} | {} | {cap}{:.0} | {:.0}% | {:.2} | {:.2} | {:.2} | {:.3} | {:.1} |",
             m.provider,
             m.server.label(),
-            m.max_rate,
+            m.max.rate,
+            m.max.client_core_busy * 100.0,
             m.fixed.ms(0.5),
             m.fixed.ms(0.99),
             m.fixed.ms(0.999),
@@ -139,7 +140,7 @@ pub fn render(
                 out,
                 "| {} | {} | {} | {} |",
                 p.provider,
-                ratio(p.max_rate, g.max_rate),
+                ratio(p.max.rate, g.max.rate),
                 ratio(cpu_g, cpu_p),
                 ratio(p.fixed.ms(0.99), g.fixed.ms(0.99))
             )?;

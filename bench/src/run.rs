@@ -39,6 +39,13 @@ pub struct RunArgs {
     /// The core servers run on (this process and the sink should be pinned elsewhere).
     #[arg(long, default_value_t = 0)]
     server_core: usize,
+    /// The core this process and the sink are pinned to (reported, to tell a client-bound
+    /// result from a server-bound one).
+    #[arg(long, default_value_t = 1)]
+    client_core: usize,
+    /// Only this route path (e.g. /alipay) and only paynotify: for profiling one case.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 /// The knobs of one mode.
@@ -223,13 +230,12 @@ fn measured(
     let running = setup.start(server, corpus)?;
     sink_call(runtime, setup.sink_port, "POST", "/reset")?;
     let cpu_before = proc_stats::cpu_seconds(running.pid())?;
+    let client_before = proc_stats::cpu_jiffies(setup.args.client_core)?;
     let url = format!("http://127.0.0.1:{}", running.port);
-    let result = runtime.block_on(load::run(
-        &url,
-        PROVIDERS[provider].path,
-        &notifications[..count],
-        rate,
-    ))?;
+    let path = PROVIDERS[provider].path;
+    let mut result = runtime.block_on(load::run(&url, path, &notifications[..count], rate))?;
+    let client_after = proc_stats::cpu_jiffies(setup.args.client_core)?;
+    result.client_core_busy = proc_stats::busy_fraction(client_before, client_after);
     let cpu = proc_stats::cpu_seconds(running.pid())? - cpu_before;
     let rss = proc_stats::peak_rss_mib(running.pid())?;
     running.stop()?;
@@ -280,6 +286,15 @@ fn sink_call(
     })
 }
 
+/// The highest sustainable rate found, and how busy the client core was at that rate.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MaxRate {
+    /// Notifications per second.
+    pub rate: f64,
+    /// Busy fraction of the load generator's core during that step.
+    pub client_core_busy: f64,
+}
+
 /// Finds the highest rate that stays sustainable: doubling, then bisecting.
 fn search(
     setup: &Setup,
@@ -288,48 +303,52 @@ fn search(
     provider: usize,
     plan: &Plan,
     runtime: &tokio::runtime::Runtime,
-) -> Result<f64, Error> {
-    let mut good = 0.0;
-    let mut bad = None;
-    let mut rate = plan.search_start;
+) -> Result<MaxRate, Error> {
     let notifications = corpus.notifications[provider].len() as f64;
-    let try_rate = |rate: f64| -> Result<bool, Error> {
+    let try_rate = |rate: f64| -> Result<Option<MaxRate>, Error> {
         let secs = plan.step_secs.min(notifications / rate).max(0.2);
         let (result, _, _) = measured(setup, server, corpus, provider, rate, secs, runtime)?;
         let ok = result.sustainable(P99_LIMIT_MS);
         eprintln!(
-            "  {} {} at {rate:.0}/s for {secs:.1}s: p99 {:.2} ms, {} errors → {}",
+            "  {} {} at {rate:.0}/s for {secs:.1}s: p99 {:.2} ms, {} errors, client core {:.0}% busy → {}",
             server.label(),
             PROVIDERS[provider].name,
             result.ms(0.99),
             result.errors,
+            result.client_core_busy * 100.0,
             if ok { "sustained" } else { "not sustained" }
         );
-        Ok(ok)
+        Ok(ok.then_some(MaxRate {
+            rate,
+            client_core_busy: result.client_core_busy,
+        }))
     };
+    let mut good = MaxRate::default();
+    let mut bad = None;
+    let mut rate = plan.search_start;
     while rate <= plan.search_cap {
-        if try_rate(rate)? {
-            good = rate;
-            rate *= 2.0;
-        } else {
-            bad = Some(rate);
-            break;
+        match try_rate(rate)? {
+            Some(found) => {
+                good = found;
+                rate *= 2.0;
+            }
+            None => {
+                bad = Some(rate);
+                break;
+            }
         }
     }
     if let Some(mut hi) = bad {
-        let mut lo = good;
         for _ in 0..plan.bisect {
-            let mid = ((lo + hi) / 2.0 / 100.0).round() * 100.0;
-            if mid <= lo || mid >= hi {
+            let mid = ((good.rate + hi) / 2.0 / 100.0).round() * 100.0;
+            if mid <= good.rate || mid >= hi {
                 break;
             }
-            if try_rate(mid)? {
-                lo = mid;
-            } else {
-                hi = mid;
+            match try_rate(mid)? {
+                Some(found) => good = found,
+                None => hi = mid,
             }
         }
-        good = lo;
     }
     Ok(good)
 }
@@ -369,8 +388,18 @@ pub fn run(args: RunArgs) -> Result<(), Error> {
         .enable_all()
         .build()?;
     let mut measurements = Vec::new();
-    for (provider, p) in PROVIDERS.iter().enumerate() {
-        for server in [Server::Paynotify, Server::GoPay] {
+    let only = setup.args.only.clone();
+    for (provider, p) in PROVIDERS
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| only.as_deref().is_none_or(|o| o == p.path))
+    {
+        let servers: &[Server] = if only.is_some() {
+            &[Server::Paynotify]
+        } else {
+            &[Server::Paynotify, Server::GoPay]
+        };
+        for &server in servers {
             eprintln!(
                 "{} / {}: fixed rate {:.0}/s",
                 server.label(),
@@ -393,7 +422,7 @@ pub fn run(args: RunArgs) -> Result<(), Error> {
                 fixed,
                 cpu_seconds: cpu,
                 peak_rss_mib: rss,
-                max_rate: max,
+                max,
             });
         }
     }

@@ -5,7 +5,7 @@ use super::{
     form, yuan_to_minor,
 };
 use crate::crypto::{self, RsaHash, RsaVerifier};
-use crate::event::{Amount, EventType};
+use crate::event::{Amount, EventData, EventType};
 use crate::keys::{KeyError, RsaPublicKey};
 
 /// The signature types a route can be configured with.
@@ -101,8 +101,11 @@ impl Alipay {
     pub fn run<T: Trace>(&self, incoming: &Incoming<'_>, trace: &mut T) -> Outcome<Verified> {
         let params = form::parse(incoming.body)?;
         let charset = charset_of(&params)?;
-        let text = decode_all(&params, charset)?;
-        text.trace(trace, "");
+        if T::ENABLED {
+            for (k, v) in &params {
+                trace.field(&String::from_utf8_lossy(k), &String::from_utf8_lossy(v));
+            }
+        }
         let sign = lookup(&params, b"sign")
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Rejection::new(RejectReason::MissingSignature, "no sign parameter"))?;
@@ -135,6 +138,8 @@ impl Alipay {
                 "signature does not verify",
             ));
         }
+        // Verified over the raw bytes; only now are they turned into text.
+        let text = decode_all(params, charset)?;
         let app_id = text.required("app_id", "the notification")?;
         if let Some(expected) = &self.app_id
             && app_id != expected
@@ -144,7 +149,11 @@ impl Alipay {
                 format!("app_id {app_id} is not the route's {expected}"),
             ));
         }
-        normalize(&text, app_id)
+        let verified = normalize(&text, app_id)?;
+        Ok(Verified {
+            data: EventData::fields(text.into_fields("sign")),
+            ..verified
+        })
     }
 }
 
@@ -167,18 +176,19 @@ fn charset_of(params: &form::Form) -> Outcome<Charset> {
     }
 }
 
-/// Keys and values as UTF-8 text: checked for `utf-8`, converted for `GBK`.
-fn decode_all(params: &form::Form, charset: Charset) -> Outcome<TextFields> {
-    let decode = |bytes: &[u8]| -> Outcome<String> {
+/// Keys and values as UTF-8 text: checked (and moved, not copied) for `utf-8`, converted
+/// for `GBK`.
+fn decode_all(params: form::Form, charset: Charset) -> Outcome<TextFields> {
+    let decode = |bytes: Vec<u8>| -> Outcome<String> {
         match charset {
-            Charset::Utf8 => String::from_utf8(bytes.to_vec()).map_err(|_| {
+            Charset::Utf8 => String::from_utf8(bytes).map_err(|_| {
                 Rejection::new(
                     RejectReason::InvalidUtf8,
                     "charset is utf-8 but a value is not UTF-8",
                 )
             }),
             Charset::Gbk => encoding_rs::GBK
-                .decode_without_bom_handling_and_without_replacement(bytes)
+                .decode_without_bom_handling_and_without_replacement(&bytes)
                 .map(|s| s.into_owned())
                 .ok_or_else(|| {
                     Rejection::new(
@@ -188,7 +198,9 @@ fn decode_all(params: &form::Form, charset: Charset) -> Outcome<TextFields> {
                 }),
         }
     };
-    let pairs = params.iter().map(|(k, v)| Ok((decode(k)?, decode(v)?)));
+    let pairs = params
+        .into_iter()
+        .map(|(k, v)| Ok((decode(k)?, decode(v)?)));
     pairs.collect::<Outcome<_>>().map(TextFields)
 }
 
@@ -275,6 +287,7 @@ fn normalize(text: &TextFields, app_id: &str) -> Outcome<Verified> {
         platform_refund_id: None,
         status: status.to_string(),
         occurred_at,
-        data: text.to_object(&["sign"]),
+        // The fields are moved in by the caller once nothing borrows them any more.
+        data: EventData::default(),
     })
 }

@@ -46,15 +46,18 @@ pub(crate) fn parse(body: &[u8]) -> Outcome<Form> {
 }
 
 fn unescape(s: &[u8]) -> Outcome<Vec<u8>> {
+    // Most values need no unescaping at all.
+    if !s.iter().any(|&b| b == b'%' || b == b'+') {
+        return Ok(s.to_vec());
+    }
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
         match s[i] {
             b'+' => out.push(b' '),
             b'%' => {
-                let hi = s.get(i + 1).and_then(|c| (*c as char).to_digit(16));
-                let lo = s.get(i + 2).and_then(|c| (*c as char).to_digit(16));
-                match (hi, lo) {
+                let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
+                match (hex(s.get(i + 1)), hex(s.get(i + 2))) {
                     (Some(h), Some(l)) => out.push((h * 16 + l) as u8),
                     _ => {
                         return Err(Rejection::new(

@@ -10,8 +10,7 @@ pub mod wechatpay_v2;
 pub mod wechatpay_v3;
 mod xml;
 
-use crate::event::{Amount, EventType};
-use serde_json::{Map, Value};
+use crate::event::{Amount, EventData, EventType};
 
 /// The platforms paynotify speaks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -169,7 +168,7 @@ pub struct Verified {
     /// When the platform says the event happened (RFC 3339), if it says.
     pub occurred_at: Option<String>,
     /// Every verified platform field, decrypted resources included.
-    pub data: Map<String, Value>,
+    pub data: EventData,
 }
 
 /// The platform's answer, ready to write.
@@ -325,13 +324,11 @@ impl TextFields {
         })
     }
 
-    /// Every field but `skip` as a JSON object of strings (the event's `data`).
-    pub(crate) fn to_object(&self, skip: &[&str]) -> Map<String, Value> {
-        self.0
-            .iter()
-            .filter(|(k, _)| !skip.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-            .collect()
+    /// Every field but `skip`, moved out (the event's `data`).
+    pub(crate) fn into_fields(self, skip: &str) -> Vec<(String, String)> {
+        let mut fields = self.0;
+        fields.retain(|(k, _)| k != skip);
+        fields
     }
 
     /// Records every field on `trace` under `prefix`.

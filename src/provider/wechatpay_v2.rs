@@ -6,9 +6,8 @@ use super::{
     compact_china_time_to_rfc3339, xml,
 };
 use crate::crypto;
-use crate::event::{Amount, EventType};
+use crate::event::{Amount, EventData, EventType};
 use crate::keys::{KeyError, parse_ascii_secret};
-use serde_json::Value;
 
 /// The signature types a route can be configured with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -104,7 +103,7 @@ impl WechatPayV2 {
         let fields = xml::parse(incoming.body)?;
         fields.trace(trace, "");
         if fields.raw("req_info").is_some() {
-            return self.refund(&fields, trace);
+            return self.refund(fields, trace);
         }
         let sign = fields
             .get("sign")
@@ -156,7 +155,11 @@ impl WechatPayV2 {
             ));
         }
         self.check_merchant(&fields)?;
-        normalize_payment(&fields)
+        let verified = normalize_payment(&fields)?;
+        Ok(Verified {
+            data: EventData::fields(fields.into_fields("sign")),
+            ..verified
+        })
     }
 
     fn sign(&self, content: &[u8]) -> String {
@@ -184,7 +187,7 @@ impl WechatPayV2 {
     }
 
     /// Refund notifications carry no signature: the encrypted `req_info` authenticates them.
-    fn refund<T: Trace>(&self, fields: &TextFields, trace: &mut T) -> Outcome<Verified> {
+    fn refund<T: Trace>(&self, fields: TextFields, trace: &mut T) -> Outcome<Verified> {
         let failed = |detail: String| Rejection::new(RejectReason::DecryptFailed, detail);
         if T::ENABLED {
             trace.algorithm("AES-256-ECB, key = lower-case hex MD5(API key), PKCS#7");
@@ -204,7 +207,7 @@ impl WechatPayV2 {
                 "return_code is not SUCCESS",
             ));
         }
-        self.check_merchant(fields)?;
+        self.check_merchant(&fields)?;
         let status = inner.required("refund_status", "req_info")?;
         let event_type = match status {
             "SUCCESS" => EventType::RefundSucceeded,
@@ -224,9 +227,7 @@ impl WechatPayV2 {
             "refund_fee",
         )?;
         let mch_id = fields.get("mch_id").unwrap_or_default();
-        let mut data = fields.to_object(&["req_info"]);
-        data.insert("req_info".into(), Value::Object(inner.to_object(&[])));
-        Ok(Verified {
+        let verified = Verified {
             event_type,
             dedup_key: format!("wechatpay-v2|{mch_id}|refund|{refund_id}|{status}"),
             amount: Some(amount),
@@ -236,8 +237,13 @@ impl WechatPayV2 {
             platform_refund_id: Some(refund_id.to_string()),
             status: status.to_string(),
             occurred_at: inner.get("success_time").and_then(china_time_to_rfc3339),
-            data,
-        })
+            data: EventData::default(),
+        };
+        let data = EventData::Fields {
+            fields: fields.into_fields("req_info"),
+            nested: Some(("req_info", inner.0)),
+        };
+        Ok(Verified { data, ..verified })
     }
 }
 
@@ -323,6 +329,7 @@ fn normalize_payment(fields: &TextFields) -> Outcome<Verified> {
         occurred_at: fields
             .get("time_end")
             .and_then(compact_china_time_to_rfc3339),
-        data: fields.to_object(&["sign"]),
+        // The fields are moved in by the caller once nothing borrows them any more.
+        data: EventData::default(),
     })
 }

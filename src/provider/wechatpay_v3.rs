@@ -3,7 +3,7 @@
 
 use super::{Incoming, Outcome, RejectReason, Rejection, Trace, Verified, json};
 use crate::crypto::{self, RsaHash, RsaVerifier};
-use crate::event::{Amount, EventType};
+use crate::event::{Amount, EventData, EventType};
 use crate::keys::{KeyError, RsaPublicKey, parse_ascii_secret};
 use serde_json::{Map, Value};
 use std::collections::HashMap;
@@ -465,6 +465,6 @@ fn normalize(notification: Value, resource: Value) -> Outcome<Verified> {
         platform_refund_id,
         status,
         occurred_at,
-        data,
+        data: EventData::Json(data),
     })
 }
