@@ -65,12 +65,13 @@ pub fn render(
     let mut out = String::new();
     let date = command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
     writeln!(out, "### Results ({mode} run, {date})\n")?;
+    // This process is pinned to one core: count the machine's cores from /proc.
+    let cores = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.lines().filter(|l| l.starts_with("processor")).count())
+        .unwrap_or(0);
     writeln!(
         out,
-        "- Machine: {} × {}, Linux {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
+        "- Machine: {cores} cores, {}, Linux {}",
         cpu_model(),
         command_line("uname", &["-r"])
     )?;
