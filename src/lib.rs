@@ -11,6 +11,7 @@
 //! verdict.
 
 pub mod config;
+pub mod crd;
 pub mod crypto;
 pub mod delivery;
 pub mod event;

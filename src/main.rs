@@ -33,6 +33,8 @@ enum Command {
     },
     /// Check one captured notification offline and explain the verdict.
     Verify(Box<VerifyArgs>),
+    /// Print the PaymentNotifyRoute CustomResourceDefinition as YAML.
+    Crd,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -155,6 +157,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Crd => match paynotify::crd::crd_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("paynotify crd: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Verify(args) => match verify(*args) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::FAILURE,

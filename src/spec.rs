@@ -5,12 +5,13 @@
 
 use crate::provider::alipay::AlipaySignType;
 use crate::provider::wechatpay_v2::WechatV2SignType;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 /// One route: a callback path, the platform and keys that verify it, and where verified
 /// events go.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteSpec<K> {
     /// The callback URL path the platform is given, e.g. `/notify/shop/alipay`.
@@ -27,7 +28,7 @@ pub struct RouteSpec<K> {
 }
 
 /// The platform of a route: exactly one field is set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProviderSpec<K> {
     /// Alipay.
@@ -42,7 +43,7 @@ pub struct ProviderSpec<K> {
 }
 
 /// Alipay settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AlipaySpec<K> {
     /// The app's `app_id`; notifications for any other app are refused.
@@ -57,7 +58,7 @@ pub struct AlipaySpec<K> {
 }
 
 /// WeChat Pay API v2 settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WechatPayV2Spec<K> {
     /// The `appid` notifications must carry.
@@ -71,7 +72,7 @@ pub struct WechatPayV2Spec<K> {
 }
 
 /// WeChat Pay APIv3 settings.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WechatPayV3Spec<K> {
     /// The `mchid` (or `sp_mchid`) decrypted resources must carry.
@@ -82,7 +83,7 @@ pub struct WechatPayV3Spec<K> {
     /// The 32-character APIv3 key.
     pub api_v3_key: K,
     /// Platform certificates, several at once during rotation.
-    #[serde(default = "Vec::new", skip_serializing_if = "Vec::is_empty")]
+    #[serde(default = "Vec::<K>::new", skip_serializing_if = "Vec::is_empty")]
     pub platform_certificates: Vec<K>,
     /// The WeChat Pay public key and its `PUB_KEY_ID_…` id.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -93,7 +94,7 @@ pub struct WechatPayV3Spec<K> {
 }
 
 /// A WeChat Pay public key with its id.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PublicKeySpec<K> {
     /// `PUB_KEY_ID_…`, as shown in the merchant platform.
@@ -103,24 +104,40 @@ pub struct PublicKeySpec<K> {
 }
 
 /// A delivery target: exactly one field is set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetSpec {
     /// An http(s) URL that receives the event as a signed POST.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// A Service in the route's own namespace (cluster only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceTarget>,
     /// The built-in target that writes each event to the log (for demos and debugging).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<LogTarget>,
 }
 
+/// A Service that receives events, in the route's namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceTarget {
+    /// The Service's name.
+    pub name: String,
+    /// Its port.
+    pub port: u16,
+    /// The HTTP path (default `/`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
 /// Settings of the built-in log target (none yet).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LogTarget {}
 
 /// How a route delivers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeliverySpec {
     /// `Synchronous` (ack the platform after every target answered 2xx) or `Queued`.
@@ -145,7 +162,7 @@ fn default_timeout() -> GoDuration {
 }
 
 /// Delivery modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub enum DeliveryMode {
     /// Forward, then answer the platform: its retries are the queue.
     #[default]
@@ -155,7 +172,7 @@ pub enum DeliveryMode {
 }
 
 /// How deliveries are signed (Standard Webhooks).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SigningSpec<K> {
     /// The `whsec_<base64>` secret.
@@ -232,6 +249,18 @@ impl std::fmt::Display for GoDuration {
                 }
             }
         }
+    }
+}
+
+impl JsonSchema for GoDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration such as 500ms, 3s, 5m or 1h30m."
+        })
     }
 }
 

@@ -182,13 +182,18 @@ pub fn compile_route(resolved: &ResolvedRoute) -> Result<Route, Vec<CompileError
     }
     for (i, t) in spec.targets.iter().enumerate() {
         let field = format!("targets[{i}]");
-        match (&t.url, &t.log) {
-            (Some(url), None) => match validate_url(url) {
+        match (&t.url, &t.service, &t.log) {
+            (Some(url), None, None) => match validate_url(url) {
                 Ok(u) => targets.push(Target::Url(u)),
                 Err(m) => err(&format!("{field}.url"), m),
             },
-            (None, Some(_)) => targets.push(Target::Log),
-            _ => err(&field, "give exactly one of url or log".into()),
+            (None, None, Some(_)) => targets.push(Target::Log),
+            // The controller turns Service targets into cluster URLs before compiling.
+            (None, Some(_), None) => err(
+                &format!("{field}.service"),
+                "service targets need the cluster controller; give a url here".into(),
+            ),
+            _ => err(&field, "give exactly one of url, service or log".into()),
         }
     }
     if spec.delivery.mode == DeliveryMode::Queued {

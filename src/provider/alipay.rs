@@ -9,7 +9,7 @@ use crate::event::{Amount, EventData, EventType};
 use crate::keys::{KeyError, RsaPublicKey};
 
 /// The signature types a route can be configured with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub enum AlipaySignType {
     /// SHA256withRSA.
     #[serde(rename = "RSA2")]
