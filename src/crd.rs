@@ -98,7 +98,10 @@ impl PaymentNotifyRoute {
     /// A route object named `name` with `spec`.
     pub fn new(name: &str, spec: PaymentNotifyRouteSpec) -> Self {
         PaymentNotifyRoute {
-            metadata: ObjectMeta { name: Some(name.into()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
             spec,
             status: None,
         }
@@ -155,7 +158,10 @@ fn add_rules(schema: &mut Value, path: &[&str], rules: Vec<Value>) {
     for p in path {
         node = &mut node["properties"][*p];
     }
-    match node.get_mut("x-kubernetes-validations").and_then(Value::as_array_mut) {
+    match node
+        .get_mut("x-kubernetes-validations")
+        .and_then(Value::as_array_mut)
+    {
         Some(existing) => existing.extend(rules),
         None => node["x-kubernetes-validations"] = Value::Array(rules),
     }
@@ -174,13 +180,19 @@ fn spec_schema() -> Value {
         &mut spec,
         &["path"],
         vec![
-            rule("self.startsWith('/')", "path must start with / (for example /notify/shop/alipay)"),
+            rule(
+                "self.startsWith('/')",
+                "path must start with / (for example /notify/shop/alipay)",
+            ),
             rule("!self.contains('..')", "path must not contain .."),
             rule(
                 "!self.contains('?') && !self.contains('#')",
                 "path must not carry a query or fragment: the platforms refuse notify URLs with parameters",
             ),
-            rule("!self.contains(' ') && !self.contains('%')", "path must not contain spaces or %-escapes"),
+            rule(
+                "!self.contains(' ') && !self.contains('%')",
+                "path must not contain spaces or %-escapes",
+            ),
         ],
     );
     add_rules(
@@ -208,7 +220,10 @@ fn spec_schema() -> Value {
     add_rules(
         &mut spec,
         &["provider", "wechatPayV3", "publicKey"],
-        vec![rule("self.id.startsWith('PUB_KEY_ID_')", "publicKey.id must start with PUB_KEY_ID_")],
+        vec![rule(
+            "self.id.startsWith('PUB_KEY_ID_')",
+            "publicKey.id must start with PUB_KEY_ID_",
+        )],
     );
     add_rules(
         &mut spec,
@@ -270,7 +285,10 @@ pub fn crd() -> apiext::CustomResourceDefinition {
         }
     });
     apiext::CustomResourceDefinition {
-        metadata: ObjectMeta { name: Some(format!("{PLURAL}.{GROUP}")), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(format!("{PLURAL}.{GROUP}")),
+            ..Default::default()
+        },
         spec: apiext::CustomResourceDefinitionSpec {
             group: GROUP.into(),
             names: apiext::CustomResourceDefinitionNames {
@@ -289,7 +307,11 @@ pub fn crd() -> apiext::CustomResourceDefinition {
                 additional_printer_columns: Some(vec![
                     printer_column("Provider", "string", ".status.provider"),
                     printer_column("Path", "string", ".spec.path"),
-                    printer_column("Ready", "string", ".status.conditions[?(@.type==\"Ready\")].status"),
+                    printer_column(
+                        "Ready",
+                        "string",
+                        ".status.conditions[?(@.type==\"Ready\")].status",
+                    ),
                     printer_column("Age", "date", ".metadata.creationTimestamp"),
                 ]),
                 schema: Some(apiext::CustomResourceValidation {

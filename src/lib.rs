@@ -11,6 +11,7 @@
 //! verdict.
 
 pub mod config;
+pub mod controller;
 pub mod crd;
 pub mod crypto;
 pub mod delivery;

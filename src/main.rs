@@ -35,6 +35,66 @@ enum Command {
     Verify(Box<VerifyArgs>),
     /// Print the PaymentNotifyRoute CustomResourceDefinition as YAML.
     Crd,
+    /// Run the Kubernetes controller (leader-elected).
+    Controller(ControllerArgs),
+    /// Run the cluster ingress, serving the controller's routing table.
+    Ingress(IngressArgs),
+}
+
+#[derive(clap::Args)]
+struct ControllerArgs {
+    /// The operator's namespace (Lease and routing table Secret).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// Serve routes from these namespaces only (comma-separated); all namespaces if empty.
+    #[arg(long, env = "PAYNOTIFY_WATCH_NAMESPACES", value_delimiter = ',')]
+    watch_namespaces: Vec<String>,
+    /// Name of the routing table Secret.
+    #[arg(long, default_value = "paynotify-routing-table")]
+    table_secret: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "paynotify-controller")]
+    lease_name: String,
+    /// This replica's identity (the Pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: String,
+    /// Lease duration in seconds.
+    #[arg(long, default_value_t = 15)]
+    lease_seconds: u64,
+    /// The cluster DNS domain, for Service targets.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// The ingress's public base URL, e.g. https://pay.example.com (shown in route status).
+    #[arg(long, env = "PAYNOTIFY_PUBLIC_BASE_URL")]
+    public_base_url: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    admin_listen: std::net::SocketAddr,
+}
+
+#[derive(clap::Args)]
+struct IngressArgs {
+    /// Namespace of the routing table Secret.
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    /// Name of the routing table Secret.
+    #[arg(long, default_value = "paynotify-routing-table")]
+    table_secret: String,
+    /// Where the platforms post notifications.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    listen: std::net::SocketAddr,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:9090")]
+    admin_listen: std::net::SocketAddr,
+    /// Largest accepted body in bytes.
+    #[arg(long, default_value_t = 256 * 1024)]
+    max_body_bytes: usize,
+    /// Longest a request may take, e.g. 10s.
+    #[arg(long, default_value = "10s")]
+    request_timeout: String,
+    /// Most delivered notifications remembered for deduplication.
+    #[arg(long, default_value_t = 500_000)]
+    dedup_max_entries: usize,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -130,33 +190,98 @@ fn verify(args: VerifyArgs) -> Result<bool, String> {
     Ok(ok)
 }
 
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+}
+
+/// Runs a long-lived role on a tokio runtime and maps its result to an exit code.
+fn run_role<E: std::fmt::Display>(
+    role: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("paynotify: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(role) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("paynotify: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn controller(args: ControllerArgs) -> Result<(), String> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
+    let config = paynotify::controller::ControllerConfig {
+        namespace: args.namespace,
+        watch_namespaces: args
+            .watch_namespaces
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect(),
+        table_secret: args.table_secret,
+        lease_name: args.lease_name,
+        identity: args.identity,
+        lease_duration: std::time::Duration::from_secs(args.lease_seconds),
+        cluster_domain: args.cluster_domain,
+        public_base_url: args.public_base_url,
+        admin_listen: args.admin_listen,
+    };
+    let shutdown = paynotify::ingress::server::termination().map_err(|e| e.to_string())?;
+    paynotify::controller::run(client, config, shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn ingress(args: IngressArgs) -> Result<(), String> {
+    use paynotify::ingress::{Ingress, Limits, cluster, server, system_clock};
+    let request_timeout = GoDuration::parse(&args.request_timeout)?.0;
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| format!("cannot reach the Kubernetes API: {e}"))?;
+    let ingress = Ingress::new(
+        Limits {
+            max_body_bytes: args.max_body_bytes,
+            request_timeout,
+        },
+        paynotify::delivery::dedup::Dedup::new(
+            paynotify::config::MIN_DEDUP_RETENTION,
+            args.dedup_max_entries,
+        ),
+        paynotify::delivery::Forwarder::new().map_err(|e| e.to_string())?,
+        system_clock(),
+    );
+    let source = cluster::TableSource {
+        namespace: args.namespace,
+        name: args.table_secret,
+    };
+    let follow = cluster::follow(client, source, ingress.clone());
+    let shutdown = server::termination().map_err(|e| e.to_string())?;
+    server::serve_until(ingress, args.listen, args.admin_listen, follow, shutdown)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => {
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-                )
-                .init();
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("paynotify: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(paynotify::ingress::server::serve(config)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("paynotify: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        Command::Serve { config } => run_role(paynotify::ingress::server::serve(config)),
+        Command::Controller(args) => run_role(controller(args)),
+        Command::Ingress(args) => run_role(ingress(args)),
         Command::Crd => match paynotify::crd::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");

@@ -1,6 +1,7 @@
 //! The verifying ingress: one HTTP handler for every route's callback path, plus the admin
 //! listener (`/healthz`, `/readyz`, `/metrics`). `serve` and the cluster ingress share it.
 
+pub mod cluster;
 mod handler;
 pub mod metrics;
 pub mod server;
@@ -97,6 +98,11 @@ impl Ingress {
     /// Marks the ingress as shutting down: `/readyz` fails so load balancers move away.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// True once a first table is installed.
+    pub fn is_loaded(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
     }
 
     /// True once a table is installed and until draining starts.

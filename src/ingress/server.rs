@@ -11,6 +11,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -68,31 +69,60 @@ pub async fn serve(config_path: PathBuf) -> Result<(), ServeError> {
         Forwarder::new()?,
         system_clock(),
     );
-    let routes = table.len();
     ingress.install(table);
-    let listener = bind(settings.listen).await?;
-    let admin = bind(settings.admin_listen).await?;
-    tracing::info!(listen = %settings.listen, admin = %settings.admin_listen, routes, "paynotify serving");
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let main = tokio::spawn(run_listener(listener, ingress.router(), stop_rx.clone()));
-    let admin_task = tokio::spawn(run_listener(admin, ingress.admin_router(), stop_rx));
-
     let mut hup = signal(tokio::signal::unix::SignalKind::hangup())?;
-    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut generation = 1;
-    loop {
-        tokio::select! {
-            _ = hup.recv() => {
+    let reloads = {
+        let ingress = ingress.clone();
+        let settings = settings.clone();
+        async move {
+            let mut generation = 1;
+            while hup.recv().await.is_some() {
                 generation += 1;
                 reload(&ingress, &config_path, generation, &settings);
             }
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
         }
-    }
+    };
+    serve_until(
+        ingress,
+        settings.listen,
+        settings.admin_listen,
+        reloads,
+        termination()?,
+    )
+    .await
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub fn termination() -> Result<impl std::future::Future<Output = ()>, ServeError> {
+    let mut term = signal(tokio::signal::unix::SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    })
+}
+
+/// Serves `ingress` on its two listeners, running `background` beside it, until `shutdown`
+/// resolves; then readiness fails, the listeners close and requests in flight drain.
+pub async fn serve_until(
+    ingress: Arc<Ingress>,
+    listen: SocketAddr,
+    admin_listen: SocketAddr,
+    background: impl std::future::Future<Output = ()> + Send + 'static,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let listener = bind(listen).await?;
+    let admin = bind(admin_listen).await?;
+    tracing::info!(listen = %listen, admin = %admin_listen, routes = ingress.table().len(), "paynotify serving");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let main = tokio::spawn(run_listener(listener, ingress.router(), stop_rx.clone()));
+    let admin_task = tokio::spawn(run_listener(admin, ingress.admin_router(), stop_rx));
+    let background = tokio::spawn(background);
+    shutdown.await;
     tracing::info!("shutting down: draining requests in flight");
     ingress.start_draining();
+    background.abort();
     let _ = stop_tx.send(true);
     let _ = main.await;
     let _ = admin_task.await;

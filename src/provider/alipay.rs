@@ -9,7 +9,9 @@ use crate::event::{Amount, EventData, EventType};
 use crate::keys::{KeyError, RsaPublicKey};
 
 /// The signature types a route can be configured with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub enum AlipaySignType {
     /// SHA256withRSA.
     #[serde(rename = "RSA2")]

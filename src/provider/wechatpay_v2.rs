@@ -10,7 +10,9 @@ use crate::event::{Amount, EventData, EventType};
 use crate::keys::{KeyError, parse_ascii_secret};
 
 /// The signature types a route can be configured with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, schemars::JsonSchema,
+)]
 pub enum WechatV2SignType {
     /// MD5 over the string ending in `key=APIKEY`.
     #[serde(rename = "MD5")]
