@@ -12,6 +12,8 @@ pub struct ControllerMetrics {
     pub reconciles: IntCounterVec,
     /// Reconcile errors by reason.
     pub reconcile_errors: IntCounterVec,
+    /// Reconciles by route (`namespace/name`; bounded by the routes that exist).
+    pub route_reconciles: IntCounterVec,
     /// Reconcile duration.
     pub reconcile_duration: HistogramVec,
     /// Routes by condition type and status.
@@ -50,6 +52,11 @@ impl ControllerMetrics {
                 "paynotify_controller_reconcile_errors_total",
                 "Route reconciles that failed, by reason.",
                 &["reason"],
+            ),
+            route_reconciles: counter(
+                "paynotify_controller_route_reconciles_total",
+                "Reconciles by route.",
+                &["route"],
             ),
             reconcile_duration: reg(
                 &registry,

@@ -345,6 +345,10 @@ async fn reconcile(
     let result = reconcile_route(&route, &ctx).await;
     timer.observe_duration();
     let key = evaluate::route_key(&route);
+    ctx.metrics
+        .route_reconciles
+        .with_label_values(&[&key])
+        .inc();
     match &result {
         Ok(_) => {
             ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
@@ -470,7 +474,12 @@ pub fn backoff(failures: u32) -> Duration {
 /// Publishes the table whenever evaluations change, once every known route has one.
 async fn publish_loop(ctx: Arc<Context>) {
     for store in &ctx.stores {
-        let _ = store.wait_until_ready().await;
+        // kube's readiness signal wakes only its latest waiter, and the controller waits on
+        // it too: poll it instead of parking on it.
+        while tokio::time::timeout(Duration::from_millis(200), store.wait_until_ready())
+            .await
+            .is_err()
+        {}
     }
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
     let mut current = match secrets.get_opt(&ctx.config.table_secret).await {
@@ -543,7 +552,13 @@ fn ready_routes(ctx: &Context) -> Option<Vec<ResolvedRoute>> {
     if keys.iter().any(|k| !evaluations.contains_key(k)) {
         return None;
     }
-    evaluations.retain(|k, _| keys.contains(k));
+    evaluations.retain(|k, _| {
+        let exists = keys.contains(k);
+        if !exists {
+            let _ = ctx.metrics.route_reconciles.remove_label_values(&[k]);
+        }
+        exists
+    });
     ctx.metrics.routes.reset();
     for eval in evaluations.values() {
         for c in &eval.conditions {
