@@ -162,6 +162,60 @@ fn start_ingress(client: &Client, ns: &str) -> (Arc<Ingress>, tokio::task::JoinH
     (ingress, task)
 }
 
+/// A client for a user whose only right is `get`/`watch` on the table Secret by name.
+async fn least_privileged_ingress_client(admin: &Client, ns: &str) -> Client {
+    use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+    let user = format!("paynotify-ingress-{ns}");
+    let role = Role {
+        metadata: kube::api::ObjectMeta {
+            name: Some("paynotify-ingress".into()),
+            ..Default::default()
+        },
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec!["".into()]),
+            resources: Some(vec!["secrets".into()]),
+            resource_names: Some(vec!["paynotify-routing-table".into()]),
+            verbs: vec!["get".into(), "watch".into()],
+            ..Default::default()
+        }]),
+    };
+    let binding = RoleBinding {
+        metadata: kube::api::ObjectMeta {
+            name: Some("paynotify-ingress".into()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: "paynotify-ingress".into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "User".into(),
+            name: user.clone(),
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            ..Default::default()
+        }]),
+    };
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let client = control_plane::shared().user_client(&user, &[]).await;
+    // It cannot read any other Secret.
+    let denied = Api::<Secret>::namespaced(client.clone(), ns)
+        .get("webhook")
+        .await;
+    assert!(
+        matches!(denied, Err(kube::Error::Api(ref e)) if e.code == 403),
+        "{denied:?}"
+    );
+    client
+}
+
 async fn put_secret(client: &Client, ns: &str, name: &str, data: &[(&str, &[u8])]) {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
     let secret = Secret {
@@ -381,7 +435,9 @@ async fn controller_publishes_ready_routes_and_the_ingress_serves_them() {
     )
     .await;
     let downstream = Downstream::start().await;
-    let (ingress, follow) = start_ingress(&client, &ns);
+    // The ingress runs as a user that may only get and watch the one table Secret.
+    let ingress_client = least_privileged_ingress_client(&client, &ns).await;
+    let (ingress, follow) = start_ingress(&ingress_client, &ns);
     // Not ready before the first table exists.
     assert!(!ingress.is_ready());
     create_route(
