@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of paynotify: formatting, lints, unit, vector, third-party fixture,
-# HTTP-level, robustness and CLI tests. This is the README's test command; .ci/run calls it.
+# HTTP-level, robustness, CLI, benchmark-smoke and real-control-plane tests. This is the
+# README's test command; .ci/run calls it. It provisions what the tests need: kube-apiserver
+# and etcd are built from the Go module proxy once and cached under ~/.cache/paynotify.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +10,10 @@ command -v cargo >/dev/null || { echo "error: cargo is required (Rust 1.95)" >&2
 for tool in kill go taskset getconf; do
   command -v "$tool" >/dev/null || { echo "error: $tool is required by the tests" >&2; exit 1; }
 done
+
+echo "==> kube-apiserver and etcd for the operator tests (cached after the first build)"
+eval "$(bash scripts/kubebins.sh)"
+export PAYNOTIFY_KUBE_APISERVER PAYNOTIFY_ETCD
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

@@ -4,7 +4,10 @@ use paynotify::crd;
 
 #[test]
 fn committed_crd_matches_the_generated_one() {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/paymentnotifyroutes.paynotify.dev.yaml");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/paymentnotifyroutes.paynotify.dev.yaml"
+    );
     let committed = std::fs::read_to_string(path).unwrap();
     assert!(
         committed == crd::crd_yaml().unwrap(),
@@ -32,17 +35,34 @@ fn crd_shape() {
     let schema = &version["schema"]["openAPIV3Schema"];
     let conditions = &schema["properties"]["status"]["properties"]["conditions"];
     assert_eq!(conditions["x-kubernetes-list-type"], "map");
-    assert_eq!(conditions["x-kubernetes-list-map-keys"], serde_json::json!(["type"]));
+    assert_eq!(
+        conditions["x-kubernetes-list-map-keys"],
+        serde_json::json!(["type"])
+    );
     let props = &schema["properties"]["spec"]["properties"];
     for field in ["path", "provider", "targets", "delivery", "signing"] {
         assert!(props[field].is_object(), "spec.{field}");
     }
-    for rules_at in [&props["path"], &props["provider"], &props["targets"], &props["delivery"]] {
-        assert!(!rules_at["x-kubernetes-validations"].as_array().unwrap().is_empty());
+    for rules_at in [
+        &props["path"],
+        &props["provider"],
+        &props["targets"],
+        &props["delivery"],
+    ] {
+        assert!(
+            !rules_at["x-kubernetes-validations"]
+                .as_array()
+                .unwrap()
+                .is_empty()
+        );
     }
     // Keys come only from Secrets in the route's namespace: no namespace field, no file/env.
     let key = &props["signing"]["properties"]["secret"];
     assert_eq!(key["required"], serde_json::json!(["secretKeyRef"]));
-    assert!(key["properties"]["secretKeyRef"]["properties"].get("namespace").is_none());
+    assert!(
+        key["properties"]["secretKeyRef"]["properties"]
+            .get("namespace")
+            .is_none()
+    );
     assert!(key["properties"].get("file").is_none());
 }
