@@ -12,7 +12,9 @@ for tool in kill go taskset getconf; do
 done
 
 echo "==> kube-apiserver and etcd for the operator tests (cached after the first build)"
-eval "$(bash scripts/kubebins.sh)"
+# Assigned first: `eval "$(...)"` would not stop on a failed build under set -e.
+kubebins=$(bash scripts/kubebins.sh)
+eval "$kubebins"
 export PAYNOTIFY_KUBE_APISERVER PAYNOTIFY_ETCD
 
 echo "==> cargo fmt --check"

@@ -12,7 +12,11 @@ use std::collections::BTreeMap;
 
 /// Every test checks this: one control plane per test binary, whichever test came first.
 fn assert_shared(plane: &control_plane::ControlPlane) {
-    assert_eq!(control_plane::starts(), 1, "the control plane was started more than once");
+    assert_eq!(
+        control_plane::starts(),
+        1,
+        "the control plane was started more than once"
+    );
     assert!(std::ptr::eq(plane, control_plane::shared()));
     // Exactly one kube-apiserver and one etcd are children of this process.
     let (apiserver, etcd) = plane.pids();
@@ -58,7 +62,10 @@ async fn namespace_and_secret_round_trip() {
     assert_shared(plane);
     let client = plane.client().await;
     let ns = plane.unique_namespace("round-trip").await;
-    let got = Api::<Namespace>::all(client.clone()).get(&ns).await.unwrap();
+    let got = Api::<Namespace>::all(client.clone())
+        .get(&ns)
+        .await
+        .unwrap();
     assert_eq!(got.metadata.name.as_deref(), Some(ns.as_str()));
 
     let secrets = Api::<Secret>::namespaced(client, &ns);
@@ -73,7 +80,10 @@ async fn namespace_and_secret_round_trip() {
         )])),
         ..Default::default()
     };
-    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
     let read = secrets.get("alipay-keys").await.unwrap();
     assert_eq!(read.data, secret.data);
     assert_eq!(read.type_.as_deref(), Some("Opaque"));
@@ -87,10 +97,16 @@ async fn least_privileged_user_is_forbidden_to_list_secrets() {
     assert_shared(plane);
     let ns = plane.unique_namespace("rbac").await;
     let user = plane
-        .user_client("system:serviceaccount:paynotify:operator", &["paynotify-testers"])
+        .user_client(
+            "system:serviceaccount:paynotify:operator",
+            &["paynotify-testers"],
+        )
         .await;
     // Authenticated (the apiserver's public-info role lets anyone read /version)...
-    assert_eq!(user.apiserver_version().await.unwrap().git_version, "v1.37.2");
+    assert_eq!(
+        user.apiserver_version().await.unwrap().git_version,
+        "v1.37.2"
+    );
     // ...but without any RBAC binding.
     let err = Api::<Secret>::namespaced(user.clone(), &ns)
         .list(&ListParams::default())
@@ -158,7 +174,9 @@ async fn minted_groups_reach_rbac() {
         .create(&PostParams::default(), &binding)
         .await
         .unwrap();
-    let reader = plane.user_client("reader", &["first-group", "second-group"]).await;
+    let reader = plane
+        .user_client("reader", &["first-group", "second-group"])
+        .await;
     let reader_secrets = Api::<Secret>::namespaced(reader, &ns);
     // The RBAC authorizer sees new bindings through an informer: allow it a moment.
     let mut tries = 0;
@@ -177,4 +195,26 @@ async fn minted_groups_reach_rbac() {
         .list(&ListParams::default())
         .await;
     assert!(matches!(err, Err(kube::Error::Api(s)) if s.code == 403));
+}
+
+/// What an apiserver-only control plane does not do: without kube-controller-manager's
+/// namespace controller, a deleted namespace stays `Terminating` (tests must not wait for
+/// namespace deletion or garbage collection).
+#[tokio::test]
+async fn deleted_namespaces_stay_terminating() {
+    let plane = control_plane::shared();
+    assert_shared(plane);
+    let namespaces = Api::<Namespace>::all(plane.client().await);
+    let ns = plane.unique_namespace("deleted").await;
+    namespaces
+        .delete(&ns, &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let still = namespaces.get(&ns).await.unwrap();
+    assert!(still.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        still.status.and_then(|s| s.phase).as_deref(),
+        Some("Terminating")
+    );
 }

@@ -14,7 +14,7 @@
 //!
 //! Binaries: `PAYNOTIFY_KUBE_APISERVER` and `PAYNOTIFY_ETCD`, or, when either is unset,
 //! whatever `bash scripts/kubebins.sh` prints (it builds them from the pinned wrapper modules
-//! in tools/kubebins the first time: ~15 minutes cold, milliseconds warm). Anything that goes
+//! in tools/kubebins the first time: ~12 minutes on 2 cores, milliseconds warm). Anything that goes
 //! wrong panics with the reason: a test that needs the control plane never skips.
 //!
 //! Teardown: the children are spawned from a dedicated thread that never exits, with
@@ -22,6 +22,7 @@
 //! (normal exit, panic, abort, SIGKILL). On a normal exit an `atexit` hook also kills them by
 //! PID, reaps them and removes the temp dir; a dropped non-shared [`ControlPlane`] does the
 //! same. Temp dirs left by processes that were killed are removed by the next start.
+//! `PAYNOTIFY_CONTROL_PLANE_KEEP=1` keeps the temp dir (logs, PKI, kubeconfigs) until then.
 //!
 //! See docs/envtest.md.
 #![allow(dead_code)]
@@ -64,9 +65,7 @@ static CERTS: AtomicUsize = AtomicUsize::new(0);
 /// that. Panics with the reason if it cannot start; later callers get the same panic
 /// message instead of a second start attempt.
 pub fn shared() -> &'static ControlPlane {
-    match SHARED.get_or_init(|| {
-        std::panic::catch_unwind(ControlPlane::start).map_err(|e| panic_message(&*e))
-    }) {
+    match SHARED.get_or_init(ControlPlane::try_start) {
         Ok(plane) => plane,
         Err(msg) => panic!("the shared Kubernetes control plane did not start: {msg}"),
     }
@@ -109,7 +108,18 @@ pub async fn client_from_kubeconfig(path: &Path) -> kube::Client {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .unwrap_or_else(|e| panic!("kubeconfig {}: {e}", path.display()));
-    kube::Client::try_from(config).unwrap_or_else(|e| panic!("kube client: {e}"))
+    // rustls panics when it has more than one crypto provider compiled in and none was
+    // installed; say what to do about it.
+    match std::panic::catch_unwind(|| kube::Client::try_from(config)) {
+        Ok(client) => client.unwrap_or_else(|e| panic!("kube client: {e}")),
+        Err(e) => panic!(
+            "creating a kube client panicked: {}\nIf this is rustls' \"Could not automatically \
+             determine the process-level CryptoProvider\": both its ring and aws-lc-rs \
+             providers are compiled in. Build kube with `default-features = false` and the \
+             `aws-lc-rs` feature (see docs/envtest.md).",
+            panic_message(&*e)
+        ),
+    }
 }
 
 /// A running etcd + kube-apiserver pair on loopback, with its PKI and an admin kubeconfig in
@@ -130,8 +140,13 @@ impl ControlPlane {
     /// Starts a private control plane (most tests want [`shared()`] instead). It is stopped
     /// when dropped, or when the process exits.
     pub fn start() -> ControlPlane {
+        Self::try_start().unwrap_or_else(|msg| panic!("{msg}"))
+    }
+
+    /// [`ControlPlane::start`], with the reason it could not start as the error.
+    pub fn try_start() -> Result<ControlPlane, String> {
         STARTS.fetch_add(1, Ordering::SeqCst);
-        let bins = binaries();
+        let bins = binaries()?;
         remove_stale_dirs();
         let (ready_tx, ready_rx) = mpsc::channel();
         // The thread that spawns the children must outlive them: PR_SET_PDEATHSIG fires when
@@ -140,12 +155,10 @@ impl ControlPlane {
         std::thread::Builder::new()
             .name("control-plane-keeper".into())
             .spawn(move || keeper(bins, ready_tx))
-            .expect("spawning the control-plane keeper thread");
-        match ready_rx.recv() {
-            Ok(Ok(plane)) => plane,
-            Ok(Err(msg)) => panic!("{msg}"),
-            Err(_) => panic!("the control-plane keeper thread died while starting"),
-        }
+            .map_err(|e| format!("spawning the control-plane keeper thread: {e}"))?;
+        ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err("the control-plane keeper thread died while starting".into()))
     }
 
     /// The admin kubeconfig (user `paynotify-admin` in `system:masters`).
@@ -199,7 +212,13 @@ impl ControlPlane {
         let path = self.dir.join(format!("user-{n}.kubeconfig"));
         write_private(
             &path,
-            &kubeconfig_yaml(&self.api_url, &self.ca_pem, user, &cert, &key.serialize_pem()),
+            &kubeconfig_yaml(
+                &self.api_url,
+                &self.ca_pem,
+                user,
+                &cert,
+                &key.serialize_pem(),
+            ),
         );
         path
     }
@@ -264,31 +283,45 @@ struct Binaries {
 }
 
 /// The two binaries from the environment, else from `bash scripts/kubebins.sh`.
-fn binaries() -> Binaries {
-    let from_env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+fn binaries() -> Result<Binaries, String> {
+    let from_env = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
     let (mut apiserver, mut etcd) = (
         from_env("PAYNOTIFY_KUBE_APISERVER"),
         from_env("PAYNOTIFY_ETCD"),
     );
     if apiserver.is_none() || etcd.is_none() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let unset: Vec<&str> = [
+            ("PAYNOTIFY_KUBE_APISERVER", apiserver.is_none()),
+            ("PAYNOTIFY_ETCD", etcd.is_none()),
+        ]
+        .iter()
+        .filter(|(_, unset)| *unset)
+        .map(|(name, _)| *name)
+        .collect();
         eprintln!(
-            "control plane: PAYNOTIFY_KUBE_APISERVER/PAYNOTIFY_ETCD not set, running \
-             scripts/kubebins.sh (a cold build takes ~15 minutes)"
+            "control plane: {} not set, running scripts/kubebins.sh (it builds the binaries \
+             the first time: ~12 minutes on 2 cores)",
+            unset.join(" and ")
         );
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let out = Command::new("bash")
             .arg("scripts/kubebins.sh")
             .current_dir(root)
             .stdin(Stdio::null())
             .stderr(Stdio::inherit())
             .output()
-            .unwrap_or_else(|e| panic!("cannot run `bash scripts/kubebins.sh`: {e}"));
-        assert!(
-            out.status.success(),
-            "`bash scripts/kubebins.sh` failed ({}): kube-apiserver and etcd are needed for \
-             this test (see docs/envtest.md); its messages are above",
-            out.status
-        );
+            .map_err(|e| format!("cannot run `bash scripts/kubebins.sh`: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "`bash scripts/kubebins.sh` failed ({}): kube-apiserver and etcd are needed \
+                 for this test (see docs/envtest.md); its messages are above",
+                out.status
+            ));
+        }
         let stdout = String::from_utf8_lossy(&out.stdout);
         for line in stdout.lines() {
             if let Some(v) = line.strip_prefix("PAYNOTIFY_KUBE_APISERVER=") {
@@ -299,19 +332,25 @@ fn binaries() -> Binaries {
         }
     }
     let check = |what: &str, path: Option<PathBuf>| {
-        let path = path.unwrap_or_else(|| {
-            panic!("scripts/kubebins.sh printed no {what} path (stdout must carry it)")
-        });
+        let path = path.ok_or_else(|| {
+            format!("scripts/kubebins.sh printed no {what}=<path> line on stdout")
+        })?;
         let executable = fs::metadata(&path)
             .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
             .unwrap_or(false);
-        assert!(executable, "{what} binary {} is not an executable file", path.display());
-        path
+        if executable {
+            Ok(path)
+        } else {
+            Err(format!(
+                "{what}: {} is not an executable file",
+                path.display()
+            ))
+        }
     };
-    Binaries {
-        apiserver: check("PAYNOTIFY_KUBE_APISERVER", apiserver),
-        etcd: check("PAYNOTIFY_ETCD", etcd),
-    }
+    Ok(Binaries {
+        apiserver: check("PAYNOTIFY_KUBE_APISERVER", apiserver)?,
+        etcd: check("PAYNOTIFY_ETCD", etcd)?,
+    })
 }
 
 // --- the keeper thread ---------------------------------------------------------------------
@@ -332,12 +371,13 @@ extern "C" fn cleanup_at_exit() {
     };
     for plane in planes.drain(..) {
         kill_and_reap(&plane.pids);
-        let _ = fs::remove_dir_all(&plane.dir);
+        remove_dir(&plane.dir);
     }
 }
 
+/// Kills (apiserver first, then etcd) and reaps.
 fn kill_and_reap(pids: &[u32]) {
-    for &pid in pids {
+    for &pid in pids.iter().rev() {
         // SAFETY: plain syscalls on PIDs of children this process spawned and has not reaped.
         unsafe {
             libc::kill(pid as libc::pid_t, libc::SIGKILL);
@@ -369,7 +409,7 @@ fn keeper(bins: Binaries, ready: mpsc::Sender<Ready>) {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            let _ = fs::remove_dir_all(&dir);
+            remove_dir(&dir);
             let _ = ready.send(Err(msg));
             return;
         }
@@ -388,22 +428,33 @@ fn keeper(bins: Binaries, ready: mpsc::Sender<Ready>) {
             libc::atexit(cleanup_at_exit);
         }
     });
-    if ready.send(Ok(plane)).is_err() {
-        return;
-    }
-    // Park until a stop request. For the shared control plane it never comes: this thread
-    // lives until the process exits, and so PDEATHSIG only fires then.
-    if let Ok(done) = stop_rx.recv() {
+    let stop_request = match ready.send(Ok(plane)) {
+        // Park until a stop request. For the shared control plane it never comes: this
+        // thread lives until the process exits, and so PDEATHSIG only fires then.
+        Ok(()) => stop_rx.recv().map(Some),
+        // Nobody is waiting for it (cannot happen: try_start blocks on the answer): disarm
+        // its Drop, which would wait for this very thread, and clean up now.
+        Err(mpsc::SendError(unsent)) => {
+            if let Ok(plane) = unsent {
+                plane.stop.lock().unwrap_or_else(|e| e.into_inner()).take();
+            }
+            Ok(None)
+        }
+    };
+    if let Ok(done) = stop_request {
         REGISTRY
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|r| r.dir != dir);
-        for child in &mut children {
+        // Apiserver first, then etcd.
+        for child in children.iter_mut().rev() {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = fs::remove_dir_all(&dir);
-        let _ = done.send(());
+        remove_dir(&dir);
+        if let Some(done) = done {
+            let _ = done.send(());
+        }
     } else {
         // The ControlPlane was leaked without a stop request: keep the children's parent
         // thread alive for the rest of the process.
@@ -440,7 +491,7 @@ fn start_in(bins: &Binaries, dir: &Path, children: &mut Vec<Child>) -> Result<St
         pki.write_admin_kubeconfig(&format!("https://127.0.0.1:{api_port}"));
         let apiserver = spawn_apiserver(&bins.apiserver, dir, &pki, client_port, api_port)?;
         children.push(apiserver);
-        match wait_apiserver(children.last_mut().unwrap(), dir, &pki, api_port) {
+        match wait_apiserver(children.last_mut().unwrap(), dir, &pki) {
             Ok(()) => {
                 eprintln!(
                     "control plane: etcd ready after {:.1} s, kube-apiserver on \
@@ -492,7 +543,14 @@ fn command(program: &Path, log: &Path) -> Result<Command, String> {
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
@@ -534,11 +592,22 @@ fn spawn_apiserver(
         .arg("--advertise-address=127.0.0.1")
         .arg(format!("--cert-dir={}", p("pki")))
         .arg(format!("--tls-cert-file={}", pki.serving_cert.display()))
-        .arg(format!("--tls-private-key-file={}", pki.serving_key.display()))
+        .arg(format!(
+            "--tls-private-key-file={}",
+            pki.serving_key.display()
+        ))
         .arg(format!("--client-ca-file={}", pki.ca_cert.display()))
-        .arg(format!("--service-account-issuer=https://127.0.0.1:{api_port}/"))
-        .arg(format!("--service-account-key-file={}", pki.sa_pub.display()))
-        .arg(format!("--service-account-signing-key-file={}", pki.sa_key.display()))
+        .arg(format!(
+            "--service-account-issuer=https://127.0.0.1:{api_port}/"
+        ))
+        .arg(format!(
+            "--service-account-key-file={}",
+            pki.sa_pub.display()
+        ))
+        .arg(format!(
+            "--service-account-signing-key-file={}",
+            pki.sa_key.display()
+        ))
         .arg("--service-cluster-ip-range=10.0.0.0/24")
         .arg("--authorization-mode=RBAC")
         .arg("--allow-privileged=true")
@@ -573,7 +642,7 @@ fn wait_etcd(child: &mut Child, dir: &Path, port: u16) -> Result<(), String> {
     }
 }
 
-fn wait_apiserver(child: &mut Child, dir: &Path, pki: &Pki, port: u16) -> Result<(), String> {
+fn wait_apiserver(child: &mut Child, dir: &Path, pki: &Pki) -> Result<(), String> {
     let deadline = Instant::now() + START_TIMEOUT;
     let log = dir.join("kube-apiserver.log");
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -587,14 +656,17 @@ fn wait_apiserver(child: &mut Child, dir: &Path, pki: &Pki, port: u16) -> Result
         let mut ready = false;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(failure("kube-apiserver", &format!("exited ({status})"), &log));
+                return Err(failure(
+                    "kube-apiserver",
+                    &format!("exited ({status})"),
+                    &log,
+                ));
             }
             if !ready {
                 // /readyz, not /healthz: it also waits for the post-start hooks (RBAC
                 // bootstrap roles among them).
                 let req = http::Request::get("/readyz").body(Vec::new()).unwrap();
-                match tokio::time::timeout(Duration::from_secs(5), client.request_text(req)).await
-                {
+                match tokio::time::timeout(Duration::from_secs(5), client.request_text(req)).await {
                     Ok(Ok(body)) if body.trim() == "ok" => ready = true,
                     Ok(Ok(body)) => last = format!("/readyz: {body}"),
                     Ok(Err(e)) => last = format!("/readyz: {e}"),
@@ -614,7 +686,10 @@ fn wait_apiserver(child: &mut Child, dir: &Path, pki: &Pki, port: u16) -> Result
             if Instant::now() > deadline {
                 return Err(failure(
                     "kube-apiserver",
-                    &format!("not ready after {} s (last: {last})", START_TIMEOUT.as_secs()),
+                    &format!(
+                        "not ready after {} s (last: {last})",
+                        START_TIMEOUT.as_secs()
+                    ),
                     &log,
                 ));
             }
@@ -626,7 +701,11 @@ fn wait_apiserver(child: &mut Child, dir: &Path, pki: &Pki, port: u16) -> Result
 fn failure(component: &str, what: &str, log: &Path) -> String {
     let text = fs::read_to_string(log).unwrap_or_else(|e| format!("(cannot read log: {e})"));
     let lines: Vec<&str> = text.lines().collect();
-    let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+    let tail = if lines.is_empty() {
+        "(the log is empty)".to_string()
+    } else {
+        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+    };
     format!(
         "{component} {what}. Last {LOG_TAIL_LINES} lines of {}:\n{tail}",
         log.display()
@@ -665,6 +744,16 @@ fn free_ports<const N: usize>() -> Result<[u16; N], String> {
 }
 
 // --- temp dirs -----------------------------------------------------------------------------
+
+/// Removes a control plane's temp dir, unless `PAYNOTIFY_CONTROL_PLANE_KEEP` is set (to read
+/// the logs of a run afterwards).
+fn remove_dir(dir: &Path) {
+    if std::env::var_os("PAYNOTIFY_CONTROL_PLANE_KEEP").is_some_and(|v| !v.is_empty()) {
+        eprintln!("control plane: kept {}", dir.display());
+    } else {
+        let _ = fs::remove_dir_all(dir);
+    }
+}
 
 fn make_dir() -> std::io::Result<PathBuf> {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -842,7 +931,13 @@ fn client_cert(user: &str, groups: &[&str], key: &KeyPair, ca: &Issuer<'_, KeyPa
         .pem()
 }
 
-fn kubeconfig_yaml(server: &str, ca_pem: &str, user: &str, cert_pem: &str, key_pem: &str) -> String {
+fn kubeconfig_yaml(
+    server: &str,
+    ca_pem: &str,
+    user: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> String {
     use base64::Engine as _;
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
     format!(
