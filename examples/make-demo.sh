@@ -58,4 +58,41 @@ fields["sign"] = hashlib.md5(s.encode()).hexdigest().upper()
 xml = "<xml>" + "".join(f"<{k}><![CDATA[{v}]]></{k}>" for k, v in fields.items()) + "</xml>"
 open("notifications/wechatpay_v2.xml", "w").write(xml)
 PY
+# The same keys as Kubernetes Secrets for examples/kubernetes.
+python3 - <<'PY'
+import textwrap
+read = lambda f: open(f"keys/{f}").read()
+pem = textwrap.indent(read("wechatpay_v3_public.pem"), "    ")
+open("kubernetes/10-secrets.yaml", "w").write(f"""# Demo keys (the same throwaway keys as examples/keys, made by examples/make-demo.sh).
+# In production, create these Secrets from your own key files, e.g.
+#   kubectl -n shop create secret generic alipay --from-file=alipay_public_key=alipayPublicKey_RSA2.txt
+apiVersion: v1
+kind: Secret
+metadata:
+  name: alipay
+  namespace: paynotify-demo
+stringData:
+  # The Alipay public key as the console shows it (one line of base64).
+  alipay_public_key: {read("alipay_public.txt").strip()}
+---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: wechatpay
+  namespace: paynotify-demo
+stringData:
+  api_key: {read("wechatpay_v2_api_key.txt").strip()}
+  api_v3_key: {read("wechatpay_v3_api_v3_key.txt").strip()}
+  public_key.pem: |
+{pem}---
+apiVersion: v1
+kind: Secret
+metadata:
+  name: webhook
+  namespace: paynotify-demo
+stringData:
+  # Standard Webhooks secret that signs deliveries to the targets (whsec_<base64>).
+  secret: {read("webhook_secret.txt").strip()}
+""")
+PY
 echo "demo keys and notifications regenerated"

@@ -847,3 +847,405 @@ async fn one_leader_writes_and_a_lost_lease_stops_the_process() {
         .expect("the leader stops");
     assert!(matches!(result.unwrap(), Err(ControllerError::LeaseLost)));
 }
+
+/// Creates every object of a multi-document YAML file (Namespaces, Secrets, routes).
+async fn apply_file(client: &Client, path: &std::path::Path) {
+    let text = std::fs::read_to_string(path).unwrap();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value: Value = serde::Deserialize::deserialize(doc).unwrap();
+        if value.is_null() {
+            continue;
+        }
+        let object: DynamicObject = serde_json::from_value(value.clone()).unwrap();
+        let resource = match value["kind"].as_str().unwrap() {
+            "Namespace" => ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(&()),
+            "Secret" => ApiResource::erase::<Secret>(&()),
+            "PaymentNotifyRoute" => ApiResource::erase::<PaymentNotifyRoute>(&()),
+            other => panic!("unexpected kind {other} in {}", path.display()),
+        };
+        let api: Api<DynamicObject> = match object.metadata.namespace.as_deref() {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        api.patch(
+            &object.name_any(),
+            &PatchParams::apply("paynotify-tests").force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
+
+#[tokio::test]
+async fn the_kubernetes_examples_become_ready_and_read_well_in_kubectl() {
+    let client = client().await;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kubernetes");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for file in &files {
+        apply_file(&client, file).await;
+    }
+    let ns = "paynotify-demo";
+    let ctl = RunningController::start(&client, ns, "controller-0");
+    for route in ["demo-alipay", "demo-wechatpay-v2", "demo-wechatpay-v3"] {
+        wait_condition(&client, ns, route, "Ready", "True", "Ready").await;
+    }
+    // What `kubectl get pnr -A` prints: the apiserver renders the printer columns.
+    let request = http::Request::get("/apis/paynotify.dev/v1alpha1/paymentnotifyroutes")
+        .header("accept", "application/json;as=Table;g=meta.k8s.io;v=v1")
+        .body(Vec::new())
+        .unwrap();
+    let table: Value = client.request(request).await.unwrap();
+    let columns: Vec<&str> = table["columnDefinitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(columns, ["Name", "Provider", "Path", "Ready", "Age"]);
+    let rows: Vec<Vec<Value>> = table["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["cells"].as_array().unwrap().clone())
+        .filter(|cells| cells[0].as_str().is_some_and(|n| n.starts_with("demo-")))
+        .collect();
+    assert!(
+        rows.contains(&vec![
+            json!("demo-wechatpay-v3"),
+            json!("wechatpay-v3"),
+            json!("/notify/demo/wechatpay-v3"),
+            json!("True"),
+            rows[0][4].clone()
+        ]),
+        "{rows:?}"
+    );
+    ctl.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn rotation_with_both_platform_certificates_listed_verifies_both() {
+    let client = client().await;
+    let ns = control_plane::unique_namespace("rotate").await;
+    let (old, new) = (
+        PlatformKey::generate().unwrap(),
+        PlatformKey::generate().unwrap(),
+    );
+    let (old_cert, new_cert) = (
+        old.certificate(&[0x0A, 0x01]).unwrap(),
+        new.certificate(&[0x0B, 0x02]).unwrap(),
+    );
+    let api_v3_key = *b"0123456789abcdef0123456789abcdef";
+    put_secret(
+        &client,
+        &ns,
+        "webhook",
+        &[("secret", WEBHOOK_SECRET.as_bytes())],
+    )
+    .await;
+    put_secret(
+        &client,
+        &ns,
+        "wechat",
+        &[
+            ("api_v3_key", &api_v3_key),
+            ("old.pem", old_cert.as_bytes()),
+            ("new.pem", new_cert.as_bytes()),
+        ],
+    )
+    .await;
+    let route = |certs: &[&str]| {
+        json!({
+            "apiVersion": "paynotify.dev/v1alpha1", "kind": "PaymentNotifyRoute", "metadata": {"name": "v3"},
+            "spec": {
+                "path": "/notify/v3",
+                "provider": {"wechatPayV3": {"mchId": "1900000001",
+                    "apiV3Key": {"secretKeyRef": {"name": "wechat", "key": "api_v3_key"}},
+                    "platformCertificates": certs.iter().map(|c| json!({"secretKeyRef": {"name": "wechat", "key": c}})).collect::<Vec<_>>()}},
+                "targets": [{"log": {}}],
+                "signing": {"secret": {"secretKeyRef": {"name": "webhook", "key": "secret"}}}
+            }
+        })
+    };
+    create_route(&client, &ns, &route(&["old.pem"]))
+        .await
+        .unwrap();
+    let ctl = RunningController::start(&client, &ns, "controller-0");
+    let (ingress, follow) = start_ingress(&client, &ns);
+    wait("first table", Duration::from_secs(30), || async {
+        ingress.is_ready().then_some(())
+    })
+    .await;
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    let post = |key: &PlatformKey, serial: &str, order: &str| {
+        let (headers, body) = support::wechat_v3_request(
+            key,
+            serial,
+            &api_v3_key,
+            &support::v3_transaction("1900000001", order),
+            "TRANSACTION.SUCCESS",
+            now(),
+        );
+        let router = ingress.router();
+        async move { support::send(&router, "/notify/v3", &headers, body).await.0 }
+    };
+    assert_eq!(post(&old, "0A01", "R-1").await, 204);
+    assert_eq!(
+        post(&new, "0B02", "R-2").await,
+        400,
+        "the new certificate is not configured yet"
+    );
+
+    // Both listed: both verify.
+    let routes: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        &ns,
+        &ApiResource::erase::<PaymentNotifyRoute>(&()),
+    );
+    let generation = ingress.table().generation;
+    routes
+        .patch(
+            "v3",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": route(&["old.pem", "new.pem"])["spec"]})),
+        )
+        .await
+        .unwrap();
+    wait(
+        "table with both certificates",
+        Duration::from_secs(30),
+        || async { (ingress.table().generation > generation).then_some(()) },
+    )
+    .await;
+    assert_eq!(post(&old, "0A01", "R-3").await, 204);
+    assert_eq!(post(&new, "0B02", "R-4").await, 204);
+
+    // The old one removed: only the new one verifies.
+    let generation = ingress.table().generation;
+    routes
+        .patch(
+            "v3",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": route(&["new.pem"])["spec"]})),
+        )
+        .await
+        .unwrap();
+    wait(
+        "table with the new certificate",
+        Duration::from_secs(30),
+        || async { (ingress.table().generation > generation).then_some(()) },
+    )
+    .await;
+    assert_eq!(post(&old, "0A01", "R-5").await, 400);
+    assert_eq!(post(&new, "0B02", "R-6").await, 204);
+    follow.abort();
+    ctl.stop().await.unwrap();
+}
+
+/// A child process killed (SIGKILL) when dropped.
+struct Process(std::process::Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_binary(args: &[&str], log: &std::path::Path) -> Process {
+    let log = std::fs::File::create(log).unwrap();
+    Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_paynotify"))
+            .args(args)
+            .env("KUBECONFIG", control_plane::kubeconfig_path())
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let resp = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .ok()?;
+    Some((resp.status().as_u16(), resp.text().await.ok()?))
+}
+
+#[tokio::test]
+async fn end_to_end_with_the_real_binaries_and_an_sdk_signed_notification() {
+    let client = client().await;
+    let ns = control_plane::unique_namespace("binaries").await;
+    let fixtures = support::fixtures_dir();
+    let case: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures.join("cases/alipay/alipay_rsa2_payment_success.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        case["signedBy"]
+            .as_str()
+            .unwrap()
+            .starts_with("python-alipay-sdk")
+    );
+    let public_key = std::fs::read(fixtures.join("keys/alipay_public_key.txt")).unwrap();
+    put_secret(
+        &client,
+        &ns,
+        "alipay",
+        &[("alipay_public_key", &public_key)],
+    )
+    .await;
+    put_secret(
+        &client,
+        &ns,
+        "webhook",
+        &[("secret", WEBHOOK_SECRET.as_bytes())],
+    )
+    .await;
+    let downstream = Downstream::start().await;
+    create_route(
+        &client,
+        &ns,
+        &alipay_route(
+            "sdk",
+            "/notify/sdk",
+            "alipay",
+            json!({"url": downstream.url}),
+        ),
+    )
+    .await
+    .unwrap();
+
+    let logs = std::env::temp_dir().join(format!("paynotify-e2e-{ns}"));
+    std::fs::create_dir_all(&logs).unwrap();
+    let controller = |identity: &str, admin: u16| {
+        spawn_binary(
+            &[
+                "controller",
+                "--namespace",
+                &ns,
+                "--watch-namespaces",
+                &ns,
+                "--identity",
+                identity,
+                "--lease-seconds",
+                "3",
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ],
+            &logs.join(format!("{identity}.log")),
+        )
+    };
+    let (admin0, admin1) = (free_port(), free_port());
+    let mut controllers = vec![
+        (controller("controller-0", admin0), admin0),
+        (controller("controller-1", admin1), admin1),
+    ];
+    let (port, ingress_admin) = (free_port(), free_port());
+    let _ingress = spawn_binary(
+        &[
+            "ingress",
+            "--namespace",
+            &ns,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{ingress_admin}"),
+        ],
+        &logs.join("ingress.log"),
+    );
+    wait_condition(&client, &ns, "sdk", "Ready", "True", "Ready").await;
+    wait("ingress ready", Duration::from_secs(30), || async {
+        (http_get(ingress_admin, "/readyz").await?.0 == 200).then_some(())
+    })
+    .await;
+
+    // The SDK-signed notification: success for the platform, a signed event downstream.
+    let resp = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/notify/sdk"))
+        .header(
+            "content-type",
+            "application/x-www-form-urlencoded; charset=utf-8",
+        )
+        .body(case["request"]["body"].as_str().unwrap().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (resp.status().as_u16(), resp.text().await.unwrap()),
+        (200, "success".to_string())
+    );
+    let delivered = downstream.take();
+    assert_eq!(delivered.len(), 1);
+    let event = support::check_webhook(&delivered[0], WEBHOOK_SECRET);
+    assert_eq!(event["orderId"], case["expect"]["orderId"]);
+    assert_eq!(event["amount"]["value"], case["expect"]["amount"]);
+
+    // Kill the leader outright: the other process takes over once the Lease expires.
+    let metric = |admin: u16| async move {
+        let (_, text) = http_get(admin, "/metrics").await?;
+        Some(text.lines().any(|l| l == "paynotify_controller_leader 1"))
+    };
+    let leader = wait("a leader", Duration::from_secs(20), || async {
+        for (i, (_, admin)) in controllers.iter().enumerate() {
+            if metric(*admin).await == Some(true) {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await;
+    let (killed, _) = controllers.remove(leader);
+    drop(killed);
+    let (_, survivor) = &controllers[0];
+    wait("the survivor leads", Duration::from_secs(30), || async {
+        metric(*survivor).await.filter(|l| *l)
+    })
+    .await;
+    create_route(
+        &client,
+        &ns,
+        &alipay_route(
+            "later",
+            "/notify/later",
+            "alipay",
+            json!({"url": downstream.url}),
+        ),
+    )
+    .await
+    .unwrap();
+    wait_condition(&client, &ns, "later", "Ready", "True", "Ready").await;
+
+    // Deleting a route: its path is no longer served.
+    let routes: Api<PaymentNotifyRoute> = Api::namespaced(client.clone(), &ns);
+    routes
+        .delete("sdk", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait(
+        "404 for the deleted route",
+        Duration::from_secs(30),
+        || async {
+            let resp = reqwest::Client::new()
+                .post(format!("http://127.0.0.1:{port}/notify/sdk"))
+                .body("x")
+                .send()
+                .await
+                .ok()?;
+            (resp.status().as_u16() == 404).then_some(())
+        },
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&logs);
+}
