@@ -288,13 +288,29 @@ fn spec_schema() -> Value {
         &["targets"],
         vec![rule("size(self) > 0", "give at least one target")],
     );
+    limit(
+        &mut spec,
+        &["delivery", "retry", "schedule"],
+        "maxItems",
+        32,
+    );
+    spec["properties"]["delivery"]["properties"]["retry"]["properties"]["schedule"]["items"]["maxLength"] =
+        json!(32);
     add_rules(
         &mut spec,
         &["delivery"],
-        vec![rule(
-            &format!("!has(self.timeout) || self.timeout.matches(r'{DURATION}')"),
-            "delivery.timeout must be a duration like 500ms or 3s",
-        )],
+        vec![
+            rule(
+                &format!("!has(self.timeout) || self.timeout.matches(r'{DURATION}')"),
+                "delivery.timeout must be a duration like 500ms or 3s",
+            ),
+            rule(
+                &format!(
+                    "!has(self.retry) || self.retry.schedule.all(d, d.matches(r'{DURATION}'))"
+                ),
+                "delivery.retry.schedule entries must be durations like 15s or 3h",
+            ),
+        ],
     );
     spec
 }

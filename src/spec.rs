@@ -146,6 +146,9 @@ pub struct DeliverySpec {
     /// Per-attempt timeout toward each target (default `3s`).
     #[serde(default = "default_timeout")]
     pub timeout: GoDuration,
+    /// Queued mode: when to retry a failed delivery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
 }
 
 impl Default for DeliverySpec {
@@ -153,8 +156,36 @@ impl Default for DeliverySpec {
         DeliverySpec {
             mode: DeliveryMode::default(),
             timeout: default_timeout(),
+            retry: None,
         }
     }
+}
+
+/// The retry schedule of Queued delivery.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Wait before each retry; after the last one the event is a dead letter
+    /// (default 15s, 30s, 1m, 3m, 10m, 30m, 1h, 3h, 6h, 12h). Each wait varies by ±10%.
+    pub schedule: Vec<GoDuration>,
+}
+
+/// The default retry schedule: about 23 hours, like the platforms' own.
+pub fn default_retry_schedule() -> Vec<Duration> {
+    [
+        15,
+        30,
+        60,
+        180,
+        600,
+        1800,
+        3600,
+        3 * 3600,
+        6 * 3600,
+        12 * 3600,
+    ]
+    .map(Duration::from_secs)
+    .to_vec()
 }
 
 fn default_timeout() -> GoDuration {

@@ -82,6 +82,10 @@ pub struct Route {
     pub targets: Vec<Target>,
     /// Per-target timeout.
     pub timeout: Duration,
+    /// Synchronous or Queued.
+    pub mode: DeliveryMode,
+    /// Queued mode: waits before each retry.
+    pub retry_schedule: Vec<Duration>,
     /// Standard Webhooks secret.
     pub signing: WebhookSecret,
 }
@@ -196,10 +200,18 @@ pub fn compile_route(resolved: &ResolvedRoute) -> Result<Route, Vec<CompileError
             _ => err(&field, "give exactly one of url, service or log".into()),
         }
     }
-    if spec.delivery.mode == DeliveryMode::Queued {
+    let retry_schedule: Vec<Duration> = match &spec.delivery.retry {
+        Some(r) => r.schedule.iter().map(|d| d.0).collect(),
+        None => crate::spec::default_retry_schedule(),
+    };
+    if retry_schedule.len() > 32
+        || retry_schedule
+            .iter()
+            .any(|d| d.is_zero() || *d > Duration::from_secs(7 * 86400))
+    {
         err(
-            "delivery.mode",
-            "Queued delivery needs the durable store, which this version does not have; use Synchronous".into(),
+            "delivery.retry.schedule",
+            "give at most 32 waits, each between 1ms and 7 days".into(),
         );
     }
     let timeout = spec.delivery.timeout.0;
@@ -222,6 +234,8 @@ pub fn compile_route(resolved: &ResolvedRoute) -> Result<Route, Vec<CompileError
             adapter,
             targets,
             timeout,
+            mode: spec.delivery.mode,
+            retry_schedule,
             signing,
         }),
         _ => Err(errors),

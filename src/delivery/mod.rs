@@ -2,6 +2,8 @@
 //! deduplication cache in front of them.
 
 pub mod dedup;
+pub mod retry;
+pub mod store;
 
 use crate::event::PaymentEvent;
 use crate::ingress::metrics::{DeliveryOutcome, Metrics};
