@@ -187,6 +187,8 @@ pub struct RouteStats {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+/// Answers one command once its transaction committed (or failed).
+type Answer = Box<dyn FnOnce(Option<&StoreError>)>;
 
 enum Command {
     Append(NewEvent, Reply<Appended>),
@@ -384,7 +386,7 @@ fn run(mut conn: rusqlite::Connection, mut rx: mpsc::Receiver<Command>) {
                 Err(_) => break,
             }
         }
-        let mut done: Vec<Box<dyn FnOnce(Option<&StoreError>)>> = Vec::with_capacity(batch.len());
+        let mut done: Vec<Answer> = Vec::with_capacity(batch.len());
         let outcome = (|| -> Result<(), StoreError> {
             let mut tx = conn.transaction()?;
             for command in batch.drain(..) {
@@ -420,14 +422,8 @@ fn fail(command: Command, e: StoreError) {
 
 /// Runs one command inside the open transaction; the returned closure answers it once the
 /// transaction's fate is known.
-fn execute(
-    tx: &mut rusqlite::Transaction<'_>,
-    command: Command,
-) -> Box<dyn FnOnce(Option<&StoreError>)> {
-    fn deferred<T: Send + 'static>(
-        reply: Reply<T>,
-        result: Result<T, StoreError>,
-    ) -> Box<dyn FnOnce(Option<&StoreError>)> {
+fn execute(tx: &mut rusqlite::Transaction<'_>, command: Command) -> Answer {
+    fn deferred<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Answer {
         Box::new(move |commit: Option<&StoreError>| {
             let _ = reply.send(match (commit, result) {
                 // The command's own error says more than the failed commit it caused.
