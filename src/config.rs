@@ -38,6 +38,21 @@ pub struct ServerSettings {
     pub dedup_max_entries: usize,
     /// How long a delivered notification is remembered (at least 25h).
     pub dedup_retention: Duration,
+    /// The embedded store of Queued routes.
+    pub store: StoreSettings,
+    /// Whether `POST /replay` is served on the admin listener.
+    pub admin_replay: bool,
+}
+
+/// The embedded store (used once a route is Queued).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreSettings {
+    /// The SQLite file (relative paths are relative to the config file).
+    pub path: PathBuf,
+    /// The store refuses new events beyond this size (the platform then retries).
+    pub max_size_bytes: u64,
+    /// Dead letters are kept this long.
+    pub dead_letter_retention: Duration,
 }
 
 /// The platforms retry for about 25 hours; dedup must outlive that.
@@ -55,7 +70,49 @@ struct RawConfig {
     request_timeout: GoDuration,
     #[serde(default)]
     dedup: RawDedup,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    admin: RawAdmin,
     routes: Vec<serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawStore {
+    #[serde(default = "default_store_path")]
+    path: PathBuf,
+    #[serde(default = "default_store_size")]
+    max_size_bytes: u64,
+    #[serde(default = "default_dead_letter_retention")]
+    dead_letter_retention: GoDuration,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            path: default_store_path(),
+            max_size_bytes: default_store_size(),
+            dead_letter_retention: default_dead_letter_retention(),
+        }
+    }
+}
+
+fn default_store_path() -> PathBuf {
+    PathBuf::from("paynotify-queue.db")
+}
+fn default_store_size() -> u64 {
+    1 << 30
+}
+fn default_dead_letter_retention() -> GoDuration {
+    GoDuration(Duration::from_secs(7 * 86400))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawAdmin {
+    #[serde(default)]
+    replay: bool,
 }
 
 #[derive(Deserialize)]
@@ -161,6 +218,9 @@ pub fn parse(
     if raw.dedup.max_entries < 1000 {
         problems.push("dedup.maxEntries: must be at least 1000".to_string());
     }
+    if raw.store.max_size_bytes < 1 << 20 {
+        problems.push("store.maxSizeBytes: must be at least 1048576".to_string());
+    }
     if raw.listen == raw.admin_listen {
         problems.push("adminListen: must differ from listen".to_string());
     }
@@ -182,6 +242,12 @@ pub fn parse(
             request_timeout,
             dedup_max_entries: raw.dedup.max_entries,
             dedup_retention: raw.dedup.retention.0,
+            store: StoreSettings {
+                path: base.join(&raw.store.path),
+                max_size_bytes: raw.store.max_size_bytes,
+                dead_letter_retention: raw.store.dead_letter_retention.0,
+            },
+            admin_replay: raw.admin.replay,
         },
         document: TableDocument {
             generation: 0,

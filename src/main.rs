@@ -39,6 +39,50 @@ enum Command {
     Controller(ControllerArgs),
     /// Run the cluster ingress, serving the controller's routing table.
     Ingress(IngressArgs),
+    /// Show queued events with their deliveries and every attempt (JSON lines).
+    Events(EventsArgs),
+    /// Re-queue dead letters (or, with --include-delivered, delivered events).
+    Replay(ReplayArgs),
+}
+
+#[derive(clap::Args)]
+struct StoreSelection {
+    /// The config file whose store to open.
+    #[arg(long, conflicts_with = "store")]
+    config: Option<PathBuf>,
+    /// The store file itself.
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Event id (repeatable).
+    #[arg(long = "id")]
+    ids: Vec<String>,
+    /// Every event of this route (`namespace/name` in a cluster)…
+    #[arg(long)]
+    route: Option<String>,
+    /// …received at or after this RFC 3339 time…
+    #[arg(long)]
+    since: Option<String>,
+    /// …and before this one.
+    #[arg(long)]
+    until: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct EventsArgs {
+    #[command(flatten)]
+    selection: StoreSelection,
+    /// Most events shown, newest first.
+    #[arg(long, default_value_t = 50)]
+    limit: usize,
+}
+
+#[derive(clap::Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    selection: StoreSelection,
+    /// Also re-send deliveries that already succeeded.
+    #[arg(long)]
+    include_delivered: bool,
 }
 
 #[derive(clap::Args)]
@@ -95,6 +139,15 @@ struct IngressArgs {
     /// Most delivered notifications remembered for deduplication.
     #[arg(long, default_value_t = 500_000)]
     dedup_max_entries: usize,
+    /// The embedded store for Queued routes (one replica, on a persistent volume).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// The store refuses new events beyond this size.
+    #[arg(long, default_value_t = 1 << 30)]
+    store_max_bytes: u64,
+    /// Serve POST /replay on the admin listener.
+    #[arg(long)]
+    admin_replay: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -265,15 +318,127 @@ async fn ingress(args: IngressArgs) -> Result<(), String> {
         paynotify::delivery::Forwarder::new().map_err(|e| e.to_string())?,
         system_clock(),
     );
+    if args.admin_replay {
+        ingress.enable_replay_endpoint();
+    }
+    let dispatcher = match &args.store {
+        Some(path) => {
+            let store = paynotify::delivery::store::Store::open(path, args.store_max_bytes)
+                .map_err(|e| e.to_string())?;
+            let queue = paynotify::delivery::queue::Queue {
+                store,
+                wake: std::sync::Arc::new(tokio::sync::Notify::new()),
+                retention: paynotify::config::MIN_DEDUP_RETENTION,
+                dead_letter_retention: std::time::Duration::from_secs(7 * 86400),
+            };
+            ingress.attach_queue(queue.clone());
+            Some(paynotify::delivery::queue::dispatch(ingress.clone(), queue))
+        }
+        None => None,
+    };
     let source = cluster::TableSource {
         namespace: args.namespace,
         name: args.table_secret,
     };
-    let follow = cluster::follow(client, source, ingress.clone());
+    let follow = {
+        let ingress = ingress.clone();
+        async move {
+            if let Some(dispatcher) = dispatcher {
+                tokio::spawn(dispatcher);
+            }
+            cluster::follow(client, source, ingress).await
+        }
+    };
     let shutdown = server::termination().map_err(|e| e.to_string())?;
     server::serve_until(ingress, args.listen, args.admin_listen, follow, shutdown)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// Opens the store named on the command line and turns the selection into a selector.
+fn open_store(
+    selection: StoreSelection,
+    include_delivered: bool,
+    require_filter: bool,
+) -> Result<
+    (
+        paynotify::delivery::store::Store,
+        paynotify::delivery::store::Selector,
+    ),
+    String,
+> {
+    use paynotify::delivery::store::{Selector, Store};
+    let (path, max) = match (selection.store, selection.config) {
+        (Some(path), _) => (path, u64::MAX / 2),
+        (None, Some(config)) => {
+            let loaded = paynotify::config::load(&config).map_err(|e| e.to_string())?;
+            (loaded.server.store.path, loaded.server.store.max_size_bytes)
+        }
+        (None, None) => return Err("give --config FILE or --store FILE".into()),
+    };
+    if !path.exists() {
+        return Err(format!("no store at {}", path.display()));
+    }
+    let store = Store::open(&path, max).map_err(|e| e.to_string())?;
+    let selector = if !require_filter && selection.ids.is_empty() && selection.route.is_none() {
+        Selector::default()
+    } else {
+        Selector::parse(
+            selection.ids,
+            selection.route,
+            selection.since.as_deref(),
+            selection.until.as_deref(),
+            include_delivered,
+        )?
+    };
+    Ok((store, selector))
+}
+
+async fn events(args: EventsArgs) -> Result<(), String> {
+    let (store, selector) = open_store(args.selection, false, false)?;
+    for event in store
+        .events(selector, args.limit)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        println!(
+            "{}",
+            serde_json::to_string(&event).map_err(|e| e.to_string())?
+        );
+    }
+    Ok(())
+}
+
+async fn replay(args: ReplayArgs) -> Result<(), String> {
+    let (store, selector) = open_store(args.selection, args.include_delivered, true)?;
+    let now = paynotify::delivery::queue::now_ms();
+    let n = store
+        .replay(selector, now)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("re-queued {n} deliveries");
+    Ok(())
+}
+
+/// Runs a short command on a small runtime.
+fn run_command(command: impl std::future::Future<Output = Result<(), String>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("paynotify: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("paynotify: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -282,6 +447,8 @@ fn main() -> ExitCode {
         Command::Serve { config } => run_role(paynotify::ingress::server::serve(config)),
         Command::Controller(args) => run_role(controller(args)),
         Command::Ingress(args) => run_role(ingress(args)),
+        Command::Events(args) => run_command(events(args)),
+        Command::Replay(args) => run_command(replay(args)),
         Command::Crd => match paynotify::crd::crd_yaml() {
             Ok(yaml) => {
                 print!("{yaml}");

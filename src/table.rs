@@ -96,12 +96,18 @@ pub struct RoutingTable {
     /// The document's generation.
     pub generation: u64,
     routes: HashMap<String, Arc<Route>>,
+    by_name: HashMap<String, Arc<Route>>,
 }
 
 impl RoutingTable {
     /// The route serving `path`.
     pub fn get(&self, path: &str) -> Option<&Arc<Route>> {
         self.routes.get(path)
+    }
+
+    /// The route named `name`.
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Route>> {
+        self.by_name.get(name)
     }
 
     /// Every route.
@@ -156,9 +162,14 @@ pub fn compile(doc: &TableDocument) -> Result<RoutingTable, CompileErrors> {
         }
     }
     if errors.is_empty() {
+        let by_name = routes
+            .values()
+            .map(|r| (r.name.clone(), r.clone()))
+            .collect();
         Ok(RoutingTable {
             generation: doc.generation,
             routes,
+            by_name,
         })
     } else {
         Err(CompileErrors(errors))

@@ -2,12 +2,14 @@
 //! deduplication cache in front of them.
 
 pub mod dedup;
+pub mod queue;
 pub mod retry;
 pub mod store;
 
 use crate::event::PaymentEvent;
 use crate::ingress::metrics::{DeliveryOutcome, Metrics};
 use crate::table::{Route, Target};
+use bytes::Bytes;
 use futures_util::future::join_all;
 use std::time::Instant;
 
@@ -59,42 +61,13 @@ impl Forwarder {
         now_unix: i64,
         metrics: &Metrics,
     ) -> Result<(), DeliveryError> {
-        let body = serde_json::to_vec(event)?;
-        let signature = route.signing.sign(&event.id, now_unix, &body);
-        let attempts = route.targets.iter().map(|target| {
-            let body = body.clone();
-            let signature = signature.clone();
-            async move {
-                let start = Instant::now();
-                let outcome = match target {
-                    Target::Log => {
-                        tracing::info!(route = %route.name, event = %String::from_utf8_lossy(&body), "delivered event (log target)");
-                        DeliveryOutcome::Success
-                    }
-                    Target::Url(url) => {
-                        let sent = self
-                            .client
-                            .post(url.clone())
-                            .timeout(route.timeout)
-                            .header(http::header::CONTENT_TYPE, "application/json")
-                            .header("webhook-id", &event.id)
-                            .header("webhook-timestamp", now_unix.to_string())
-                            .header("webhook-signature", signature)
-                            .body(body)
-                            .send()
-                            .await;
-                        classify(sent)
-                    }
-                };
-                metrics.delivery(&route.name, target.label(), outcome, start.elapsed().as_secs_f64());
-                if outcome != DeliveryOutcome::Success {
-                    tracing::warn!(route = %route.name, target = target.label(), event_id = %event.id, outcome = outcome.label(), "delivery failed");
-                }
-                outcome == DeliveryOutcome::Success
-            }
-        });
+        let body = Bytes::from(serde_json::to_vec(event)?);
+        let attempts = route
+            .targets
+            .iter()
+            .map(|target| self.send(route, target, &event.id, &body, now_unix, metrics));
         let results = join_all(attempts).await;
-        let failed = results.iter().filter(|ok| !**ok).count();
+        let failed = results.iter().filter(|a| !a.delivered()).count();
         if failed == 0 {
             Ok(())
         } else {
@@ -104,13 +77,119 @@ impl Forwarder {
             })
         }
     }
+
+    /// One signed POST of `body` to `target`, counted in the metrics.
+    pub async fn send(
+        &self,
+        route: &Route,
+        target: &Target,
+        id: &str,
+        body: &Bytes,
+        now_unix: i64,
+        metrics: &Metrics,
+    ) -> Attempt {
+        let start = Instant::now();
+        let mut attempt = match target {
+            Target::Log => {
+                tracing::info!(route = %route.name, event = %String::from_utf8_lossy(body), "delivered event (log target)");
+                Attempt {
+                    status: Some(200),
+                    ..Attempt::default()
+                }
+            }
+            Target::Url(url) => {
+                let sent = self
+                    .client
+                    .post(url.clone())
+                    .timeout(route.timeout)
+                    .header(http::header::CONTENT_TYPE, "application/json")
+                    .header("webhook-id", id)
+                    .header("webhook-timestamp", now_unix.to_string())
+                    .header("webhook-signature", route.signing.sign(id, now_unix, body))
+                    .body(body.clone())
+                    .send()
+                    .await;
+                match sent {
+                    Ok(response) => read_answer(response, route.timeout).await,
+                    Err(e) => Attempt {
+                        timed_out: e.is_timeout(),
+                        error: Some(e.to_string()),
+                        ..Attempt::default()
+                    },
+                }
+            }
+        };
+        attempt.latency = start.elapsed();
+        let outcome = attempt.outcome();
+        metrics.delivery(
+            &route.name,
+            target.label(),
+            outcome,
+            attempt.latency.as_secs_f64(),
+        );
+        if outcome != DeliveryOutcome::Success {
+            tracing::warn!(route = %route.name, target = target.label(), event_id = %id, outcome = outcome.label(), "delivery attempt failed");
+        }
+        attempt
+    }
 }
 
-fn classify(sent: Result<reqwest::Response, reqwest::Error>) -> DeliveryOutcome {
-    match sent {
-        Ok(resp) if resp.status().is_success() => DeliveryOutcome::Success,
-        Ok(_) => DeliveryOutcome::HttpError,
-        Err(e) if e.is_timeout() => DeliveryOutcome::Timeout,
-        Err(_) => DeliveryOutcome::Error,
+/// What one attempt got.
+#[derive(Debug, Clone, Default)]
+pub struct Attempt {
+    /// HTTP status, if the target answered.
+    pub status: Option<u16>,
+    /// Whether the attempt ran out of time.
+    pub timed_out: bool,
+    /// Transport error, if any.
+    pub error: Option<String>,
+    /// The start of the answer (kept with the attempt in Queued mode).
+    pub response: String,
+    /// A `Retry-After` the target asked for.
+    pub retry_after: Option<std::time::Duration>,
+    /// How long it took.
+    pub latency: std::time::Duration,
+}
+
+impl Attempt {
+    /// True for a 2xx answer.
+    pub fn delivered(&self) -> bool {
+        matches!(self.status, Some(200..=299))
+    }
+
+    fn outcome(&self) -> DeliveryOutcome {
+        match (self.status, self.timed_out) {
+            (Some(200..=299), _) => DeliveryOutcome::Success,
+            (Some(_), _) => DeliveryOutcome::HttpError,
+            (None, true) => DeliveryOutcome::Timeout,
+            (None, false) => DeliveryOutcome::Error,
+        }
+    }
+}
+
+/// Reads the status, `Retry-After` and at most [`store::RESPONSE_SNIPPET`] bytes of the answer.
+async fn read_answer(mut response: reqwest::Response, limit: std::time::Duration) -> Attempt {
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(retry::parse_retry_after);
+    let mut snippet = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        while snippet.len() < store::RESPONSE_SNIPPET {
+            match response.chunk().await {
+                Ok(Some(chunk)) => snippet.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+    })
+    .await;
+    snippet.truncate(store::RESPONSE_SNIPPET);
+    Attempt {
+        status: Some(status),
+        response: String::from_utf8_lossy(&snippet).into_owned(),
+        retry_after,
+        ..Attempt::default()
     }
 }

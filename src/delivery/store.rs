@@ -123,6 +123,34 @@ pub struct Selector {
     pub include_delivered: bool,
 }
 
+impl Selector {
+    /// A selector from user input: ids, or a route and an RFC 3339 time range. Refuses an
+    /// empty selection, so that "replay everything" is never an accident.
+    pub fn parse(
+        ids: Vec<String>,
+        route: Option<String>,
+        since: Option<&str>,
+        until: Option<&str>,
+        include_delivered: bool,
+    ) -> Result<Self, String> {
+        let time = |t: &str| -> Result<i64, String> {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64)
+                .map_err(|e| format!("{t:?} is not an RFC 3339 time: {e}"))
+        };
+        if ids.is_empty() && route.is_none() {
+            return Err("give event ids, or a route (with an optional time range)".into());
+        }
+        Ok(Selector {
+            ids,
+            route,
+            since_ms: since.map(time).transpose()?,
+            until_ms: until.map(time).transpose()?,
+            include_delivered,
+        })
+    }
+}
+
 /// One delivery of an event, as `paynotify events` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]

@@ -4,8 +4,10 @@
 use super::Ingress;
 use super::metrics::Outcome;
 use crate::delivery::dedup::{self, Claim};
+use crate::delivery::store::{Appended, NewEvent};
 use crate::event::PaymentEvent;
 use crate::provider::{Answer, Failure, Incoming, RejectReason};
+use crate::spec::DeliveryMode;
 use crate::table::Route;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -82,6 +84,9 @@ async fn handle(ingress: &Ingress, route: &Route, request: Request) -> (Outcome,
         }
     };
     let event = PaymentEvent::new(&route.name, route.adapter.kind(), verified, now);
+    if route.mode == DeliveryMode::Queued {
+        return enqueue(ingress, route, &event).await;
+    }
     let delivered = match ingress.dedup.claim(&event.id, Instant::now()) {
         Claim::Duplicate => {
             tracing::debug!(route = %route.name, event_id = %event.id, "duplicate of a delivered notification");
@@ -119,6 +124,58 @@ async fn handle(ingress: &Ingress, route: &Route, request: Request) -> (Outcome,
             Outcome::DeliveryFailed,
             route.adapter.failure(Failure::Unavailable),
         )
+    }
+}
+
+/// Queued mode: the answer is success once the event is durable, and the store's unique
+/// event id is the dedup (across restarts and for the whole retention).
+async fn enqueue(ingress: &Ingress, route: &Route, event: &PaymentEvent) -> (Outcome, Answer) {
+    let unavailable = (
+        Outcome::StoreUnavailable,
+        route.adapter.failure(Failure::Unavailable),
+    );
+    let Some(queue) = ingress.queue() else {
+        tracing::error!(route = %route.name, "a Queued route but no store is configured");
+        return unavailable;
+    };
+    let body = match serde_json::to_vec(event) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode the event");
+            return unavailable;
+        }
+    };
+    let order = event.order_id.as_deref().unwrap_or(&event.id);
+    let new = NewEvent {
+        id: event.id.clone(),
+        route: route.name.clone(),
+        order_key: format!("{}|{order}", route.name),
+        received_at_ms: crate::delivery::queue::now_ms(),
+        body,
+        targets: route
+            .targets
+            .iter()
+            .map(|t| t.label().to_string())
+            .collect(),
+    };
+    let start = Instant::now();
+    let stored = queue.store.append(new).await;
+    ingress
+        .metrics
+        .store_write_duration
+        .observe(start.elapsed().as_secs_f64());
+    match stored {
+        Ok(Appended::Stored) => {
+            queue.wake.notify_one();
+            tracing::debug!(route = %route.name, event_id = %event.id, "notification verified and queued");
+            (Outcome::Accepted, route.adapter.success())
+        }
+        Ok(Appended::Duplicate) => (Outcome::Duplicate, route.adapter.success()),
+        Err(e) => {
+            ingress.metrics.store_errors.inc();
+            tracing::error!(route = %route.name, event_id = %event.id, error = %e, "cannot store the event; the platform will retry");
+            unavailable
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 
 use crate::provider::{ProviderKind, RejectReason};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// What happened to a notification, as counted in `paynotify_notifications_total`.
@@ -18,6 +18,8 @@ pub enum Outcome {
     DeliveryFailed,
     /// The request took longer than the request timeout.
     Timeout,
+    /// Queued mode: the store could not take the event; the platform was told to retry.
+    StoreUnavailable,
     /// Refused for this reason.
     Rejected(RejectReason),
 }
@@ -30,6 +32,7 @@ impl Outcome {
             Outcome::Duplicate => "duplicate".into(),
             Outcome::DeliveryFailed => "delivery_failed".into(),
             Outcome::Timeout => "timeout".into(),
+            Outcome::StoreUnavailable => "store_unavailable".into(),
             Outcome::Rejected(r) => format!("rejected_{}", r.as_str()),
         }
     }
@@ -83,6 +86,22 @@ pub struct Metrics {
     /// Entries dropped before their retention ended because the cache was full.
     pub dedup_evictions: IntCounter,
     ack_unrouted: Histogram,
+    /// Queued deliveries waiting, per route.
+    pub queue_depth: IntGaugeVec,
+    /// Age of the oldest waiting event, per route.
+    pub queue_oldest_age: GaugeVec,
+    /// Dead letters held, per route.
+    pub dead_letters: IntGaugeVec,
+    /// Deliveries that became dead letters, per route.
+    pub dead_lettered: IntCounterVec,
+    /// Failed attempts scheduled for a retry, per route.
+    pub retries: IntCounterVec,
+    /// Deliveries re-queued by a replay, per route (`all` for replays across routes).
+    pub replayed: IntCounterVec,
+    /// Time to make an event durable.
+    pub store_write_duration: Histogram,
+    /// Store operations that failed.
+    pub store_errors: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -206,6 +225,65 @@ impl Metrics {
                 &ACK_BUCKETS,
             )
             .with_label_values(&[] as &[&str]),
+            queue_depth: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "paynotify_queue_depth",
+                        "Queued deliveries waiting, per route.",
+                    ),
+                    &["route"],
+                )
+                .expect("valid metric"),
+            ),
+            queue_oldest_age: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "paynotify_queue_oldest_age_seconds",
+                        "Age of the oldest waiting queued event, per route.",
+                    ),
+                    &["route"],
+                )
+                .expect("valid metric"),
+            ),
+            dead_letters: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "paynotify_dead_letters",
+                        "Dead letters held in the store, per route.",
+                    ),
+                    &["route"],
+                )
+                .expect("valid metric"),
+            ),
+            dead_lettered: counter_vec(
+                "paynotify_dead_letters_total",
+                "Deliveries that became dead letters, per route.",
+                &["route"],
+            ),
+            retries: counter_vec(
+                "paynotify_delivery_retries_total",
+                "Failed attempts scheduled for a retry.",
+                &["route"],
+            ),
+            replayed: counter_vec(
+                "paynotify_replayed_total",
+                "Deliveries re-queued by a replay.",
+                &["route"],
+            ),
+            store_write_duration: histogram_vec(
+                "paynotify_store_write_duration_seconds",
+                "Time to make one event durable (group commit included).",
+                &[],
+                &ACK_BUCKETS,
+            )
+            .with_label_values(&[] as &[&str]),
+            store_errors: counter(
+                "paynotify_store_errors_total",
+                "Store operations that failed.",
+            ),
             registry,
         }
     }

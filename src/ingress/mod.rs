@@ -47,11 +47,13 @@ pub struct Ingress {
     /// Exported metrics.
     pub metrics: Metrics,
     dedup: Dedup,
-    forwarder: Forwarder,
+    pub(crate) forwarder: Forwarder,
+    queue: std::sync::OnceLock<crate::delivery::queue::Queue>,
     limits: Limits,
     clock: Clock,
     ready: AtomicBool,
     draining: AtomicBool,
+    replay_endpoint: AtomicBool,
 }
 
 impl std::fmt::Debug for Ingress {
@@ -70,11 +72,23 @@ impl Ingress {
             metrics: Metrics::new(),
             dedup,
             forwarder,
+            queue: std::sync::OnceLock::new(),
             limits,
             clock,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            replay_endpoint: AtomicBool::new(false),
         })
+    }
+
+    /// Attaches the durable queue that Queued routes store into (once, before serving).
+    pub fn attach_queue(&self, queue: crate::delivery::queue::Queue) {
+        let _ = self.queue.set(queue);
+    }
+
+    /// The durable queue, if one is attached.
+    pub fn queue(&self) -> Option<&crate::delivery::queue::Queue> {
+        self.queue.get()
     }
 
     /// Installs a new table atomically: requests already running finish with the old one.
@@ -93,6 +107,11 @@ impl Ingress {
     /// The table being served.
     pub fn table(&self) -> Arc<RoutingTable> {
         self.table.load_full()
+    }
+
+    /// Serves `POST /replay` on the admin listener (off unless configured).
+    pub fn enable_replay_endpoint(&self) {
+        self.replay_endpoint.store(true, Ordering::SeqCst);
     }
 
     /// Marks the ingress as shutting down: `/readyz` fails so load balancers move away.
@@ -123,6 +142,7 @@ impl Ingress {
             .route("/healthz", get(|| async { "ok" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics_text))
+            .route("/replay", axum::routing::post(replay))
             .with_state(self.clone())
     }
 }
@@ -132,6 +152,54 @@ async fn readyz(State(ingress): State<Arc<Ingress>>) -> (StatusCode, &'static st
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
+
+/// A replay request: event ids, or a route and a time range (RFC 3339).
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ReplayRequest {
+    #[serde(default)]
+    ids: Vec<String>,
+    route: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    #[serde(default)]
+    include_delivered: bool,
+}
+
+async fn replay(
+    State(ingress): State<Arc<Ingress>>,
+    axum::Json(request): axum::Json<ReplayRequest>,
+) -> (StatusCode, String) {
+    if !ingress.replay_endpoint.load(Ordering::SeqCst) {
+        return (
+            StatusCode::NOT_FOUND,
+            "replay is disabled (admin.replay)\n".into(),
+        );
+    }
+    let Some(queue) = ingress.queue() else {
+        return (
+            StatusCode::CONFLICT,
+            "no store: no route is Queued\n".into(),
+        );
+    };
+    let selector = match crate::delivery::store::Selector::parse(
+        request.ids,
+        request.route,
+        request.since.as_deref(),
+        request.until.as_deref(),
+        request.include_delivered,
+    ) {
+        Ok(s) => s,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    match crate::delivery::queue::replay(&ingress, queue, selector).await {
+        Ok(n) => (
+            StatusCode::OK,
+            serde_json::json!({"requeued": n}).to_string(),
+        ),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
 }
 

@@ -44,6 +44,9 @@ pub enum ServeError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    /// The embedded store could not be opened.
+    #[error(transparent)]
+    Store(crate::delivery::store::StoreError),
 }
 
 /// Loads and compiles the config file, numbering the table `generation`.
@@ -69,12 +72,26 @@ pub async fn serve(config_path: PathBuf) -> Result<(), ServeError> {
         Forwarder::new()?,
         system_clock(),
     );
+    let queued = has_queued_routes(&table);
     ingress.install(table);
+    if settings.admin_replay {
+        ingress.enable_replay_endpoint();
+    }
+    let dispatcher = if queued {
+        let queue = open_queue(&settings)?;
+        ingress.attach_queue(queue.clone());
+        Some(crate::delivery::queue::dispatch(ingress.clone(), queue))
+    } else {
+        None
+    };
     let mut hup = signal(tokio::signal::unix::SignalKind::hangup())?;
-    let reloads = {
+    let background = {
         let ingress = ingress.clone();
         let settings = settings.clone();
         async move {
+            if let Some(dispatcher) = dispatcher {
+                tokio::spawn(dispatcher);
+            }
             let mut generation = 1;
             while hup.recv().await.is_some() {
                 generation += 1;
@@ -86,10 +103,30 @@ pub async fn serve(config_path: PathBuf) -> Result<(), ServeError> {
         ingress,
         settings.listen,
         settings.admin_listen,
-        reloads,
+        background,
         termination()?,
     )
     .await
+}
+
+fn has_queued_routes(table: &RoutingTable) -> bool {
+    table
+        .routes()
+        .any(|r| r.mode == crate::spec::DeliveryMode::Queued)
+}
+
+/// Opens the embedded store of the config file.
+pub fn open_queue(settings: &ServerSettings) -> Result<crate::delivery::queue::Queue, ServeError> {
+    let store =
+        crate::delivery::store::Store::open(&settings.store.path, settings.store.max_size_bytes)
+            .map_err(ServeError::Store)?;
+    tracing::info!(path = %settings.store.path.display(), "embedded store open");
+    Ok(crate::delivery::queue::Queue {
+        store,
+        wake: Arc::new(tokio::sync::Notify::new()),
+        retention: settings.dedup_retention,
+        dead_letter_retention: settings.store.dead_letter_retention,
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.
@@ -133,6 +170,12 @@ pub async fn serve_until(
 /// Re-reads the config; a bad file is refused and counted, and the old table keeps serving.
 pub fn reload(ingress: &Ingress, path: &Path, generation: u64, running: &ServerSettings) {
     match load_table(path, generation) {
+        Ok((_, table)) if has_queued_routes(&table) && ingress.queue().is_none() => {
+            ingress.metrics.reload_errors.inc();
+            tracing::error!(
+                "reload refused: a route became Queued; restart paynotify to open the store"
+            );
+        }
         Ok((settings, table)) => {
             if settings != *running {
                 tracing::warn!(

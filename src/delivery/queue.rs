@@ -1,0 +1,217 @@
+//! Queued delivery: the ack path stores the event durably and answers the platform; the
+//! dispatcher then owns delivery — due deliveries, one attempt each, retries on the route's
+//! schedule, dead letters after the last attempt — and keeps the backlog metrics current.
+
+use super::retry::{self, Verdict};
+use super::store::{AttemptRecord, NextState, Selector, Store, StoreError};
+use crate::ingress::Ingress;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
+
+/// Attempts running at once.
+const CONCURRENCY: usize = 32;
+/// Due deliveries fetched per round.
+const BATCH: usize = 64;
+/// A claimed delivery becomes due again after this long if its attempt never reports back
+/// (the process died mid-attempt): longer than any route's timeout.
+const CLAIM: Duration = Duration::from_secs(90);
+/// How often the dispatcher looks for due work when nothing wakes it (replays made by the
+/// CLI in another process, retries coming due).
+const IDLE_POLL: Duration = Duration::from_millis(250);
+/// How often backlog metrics are refreshed and old events pruned.
+const HOUSEKEEPING: Duration = Duration::from_secs(5);
+
+/// The store and the bell that wakes the dispatcher.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    /// The durable store.
+    pub store: Store,
+    /// Rung after every append.
+    pub wake: Arc<Notify>,
+    /// Delivered events are kept (for dedup) this long.
+    pub retention: Duration,
+    /// Dead letters are kept this long.
+    pub dead_letter_retention: Duration,
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn jitter() -> f64 {
+    let mut b = [0u8; 4];
+    // Jitter only spreads retries; a failed draw falls back to the middle.
+    if aws_lc_rs::rand::fill(&mut b).is_err() {
+        return 0.5;
+    }
+    f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX)
+}
+
+/// Runs the dispatcher until the task is dropped.
+pub async fn dispatch(ingress: Arc<Ingress>, queue: Queue) {
+    let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let mut last_housekeeping = tokio::time::Instant::now() - HOUSEKEEPING;
+    loop {
+        if last_housekeeping.elapsed() >= HOUSEKEEPING {
+            housekeeping(&ingress, &queue).await;
+            last_housekeeping = tokio::time::Instant::now();
+        }
+        let due = match queue.store.due(now_ms(), CLAIM, BATCH).await {
+            Ok(due) => due,
+            Err(e) => {
+                ingress.metrics.store_errors.inc();
+                tracing::error!(error = %e, "cannot read due deliveries");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let idle = due.is_empty();
+        for delivery in due {
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let (ingress, store) = (ingress.clone(), queue.store.clone());
+            tokio::spawn(async move {
+                attempt(&ingress, &store, delivery).await;
+                drop(slot);
+            });
+        }
+        if idle {
+            let _ = tokio::time::timeout(IDLE_POLL, queue.wake.notified()).await;
+        }
+    }
+}
+
+async fn attempt(ingress: &Ingress, store: &Store, d: super::store::DueDelivery) {
+    let table = ingress.table();
+    let at_ms = now_ms();
+    let route = table.by_name(&d.route);
+    let target = route.and_then(|r| r.targets.iter().find(|t| t.label() == d.target));
+    let (record, next) = match (route, target) {
+        (Some(route), Some(target)) => {
+            let body = Bytes::from(d.body);
+            let sent = ingress
+                .forwarder
+                .send(
+                    route,
+                    target,
+                    &d.event_id,
+                    &body,
+                    at_ms / 1000,
+                    &ingress.metrics,
+                )
+                .await;
+            let made = d.attempts + 1;
+            let next = match retry::classify(sent.status) {
+                Verdict::Delivered => NextState::Delivered,
+                Verdict::Refused => NextState::Dead,
+                Verdict::Retry => {
+                    match retry::next_wait(&route.retry_schedule, made, sent.retry_after, jitter())
+                    {
+                        Some(wait) => NextState::RetryAt(at_ms + wait.as_millis() as i64),
+                        None => NextState::Dead,
+                    }
+                }
+            };
+            let record = AttemptRecord {
+                seq: d.seq,
+                target: d.target.clone(),
+                at_ms,
+                status: sent.status,
+                latency: sent.latency,
+                response: sent.response,
+                error: sent.error,
+                next,
+            };
+            (record, next)
+        }
+        // The route or target left the configuration: keep the event as a dead letter,
+        // replayable once it is back.
+        _ => (
+            AttemptRecord {
+                seq: d.seq,
+                target: d.target.clone(),
+                at_ms,
+                status: None,
+                latency: Duration::ZERO,
+                response: String::new(),
+                error: Some("route or target no longer configured".into()),
+                next: NextState::Dead,
+            },
+            NextState::Dead,
+        ),
+    };
+    match next {
+        NextState::RetryAt(_) => ingress.metrics.retries.with_label_values(&[&d.route]).inc(),
+        NextState::Dead => {
+            ingress
+                .metrics
+                .dead_lettered
+                .with_label_values(&[&d.route])
+                .inc();
+            tracing::warn!(route = %d.route, target = %d.target, event_id = %d.event_id, "dead letter");
+        }
+        NextState::Delivered => {}
+    }
+    if let Err(e) = store.record(record).await {
+        // The claim expires and the delivery is attempted again: at least once.
+        ingress.metrics.store_errors.inc();
+        tracing::error!(error = %e, event_id = %d.event_id, "cannot record a delivery attempt");
+    }
+}
+
+async fn housekeeping(ingress: &Ingress, queue: &Queue) {
+    let now = now_ms();
+    match queue.store.stats(now).await {
+        Ok(stats) => {
+            let m = &ingress.metrics;
+            m.queue_depth.reset();
+            m.queue_oldest_age.reset();
+            m.dead_letters.reset();
+            for s in stats {
+                m.queue_depth
+                    .with_label_values(&[&s.route])
+                    .set(s.depth as i64);
+                m.queue_oldest_age
+                    .with_label_values(&[&s.route])
+                    .set(s.oldest_age_secs);
+                m.dead_letters
+                    .with_label_values(&[&s.route])
+                    .set(s.dead as i64);
+            }
+        }
+        Err(e) => {
+            ingress.metrics.store_errors.inc();
+            tracing::error!(error = %e, "cannot read queue statistics");
+        }
+    }
+    let delivered_before = now - queue.retention.as_millis() as i64;
+    let dead_before = now - queue.dead_letter_retention.as_millis() as i64;
+    if let Err(e) = queue.store.prune(delivered_before, dead_before).await {
+        ingress.metrics.store_errors.inc();
+        tracing::error!(error = %e, "cannot prune the store");
+    }
+}
+
+/// Re-queues the selected deliveries and counts them.
+pub async fn replay(
+    ingress: &Ingress,
+    queue: &Queue,
+    selector: Selector,
+) -> Result<usize, StoreError> {
+    let route = selector.route.clone().unwrap_or_else(|| "all".into());
+    let n = queue.store.replay(selector, now_ms()).await?;
+    ingress
+        .metrics
+        .replayed
+        .with_label_values(&[&route])
+        .inc_by(n as u64);
+    queue.wake.notify_one();
+    Ok(n)
+}
