@@ -162,6 +162,27 @@ pub fn alipay_payment(
     alipay_form(key, &alipay_payment_params(app_id, order))
 }
 
+/// A signed Alipay refund notification for `order` (partial refund `refund_no` of 1.00).
+pub fn alipay_refund(
+    key: &PlatformKey,
+    app_id: &str,
+    order: &str,
+    refund_no: &str,
+) -> Result<Vec<u8>, SignerError> {
+    let mut params = alipay_payment_params(app_id, order);
+    params.retain(|(k, _)| k != "notify_id");
+    params.extend(
+        [
+            ("notify_id", format!("2026120300333{order}{refund_no}")),
+            ("out_biz_no", refund_no.to_string()),
+            ("refund_fee", "1.00".to_string()),
+            ("gmt_refund", "2026-12-03 13:00:00".to_string()),
+        ]
+        .map(|(k, v)| (k.to_string(), v)),
+    );
+    alipay_form(key, &params)
+}
+
 /// The fields of a WeChat Pay v2 payment notification for `order`, without `sign`.
 pub fn wechat_v2_payment_fields(
     hmac: bool,

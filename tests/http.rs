@@ -130,7 +130,7 @@ async fn resent_notification_is_delivered_once() {
 async fn concurrent_copies_are_delivered_once() {
     let key = support::test_key();
     let downstream = Downstream::start().await;
-    *downstream.delay.lock().unwrap() = Duration::from_millis(200);
+    downstream.set_delay(Duration::from_millis(200));
     let ingress = support::ingress(alipay_setup(&key, &downstream.url), 1_800_000_000, TIMEOUT);
     let body = support::alipay_payment(&key, "2021000000000001", "1002");
     let router = ingress.router();
@@ -161,7 +161,7 @@ async fn downstream_down_slow_or_failing_gets_the_failure_answer() {
 
     // Slow: answers after the route's 1s timeout.
     let downstream = Downstream::start().await;
-    *downstream.delay.lock().unwrap() = Duration::from_millis(1500);
+    downstream.set_delay(Duration::from_millis(1500));
     let ingress = support::ingress(alipay_setup(&key, &downstream.url), 1_800_000_000, TIMEOUT);
     let body = support::alipay_payment(&key, "2021000000000001", "2002");
     assert_eq!(
@@ -176,13 +176,13 @@ async fn downstream_down_slow_or_failing_gets_the_failure_answer() {
     );
 
     // Failing, then recovered: the platform's retry is delivered (failures are not remembered).
-    *downstream.delay.lock().unwrap() = Duration::ZERO;
-    *downstream.status.lock().unwrap() = 500;
+    downstream.set_delay(Duration::ZERO);
+    downstream.set_status(500);
     assert_eq!(
         support::send(&ingress.router(), "/a", &headers, body.clone()).await,
         (503, "fail".into())
     );
-    *downstream.status.lock().unwrap() = 200;
+    downstream.set_status(200);
     assert_eq!(
         support::send(&ingress.router(), "/a", &headers, body).await,
         (200, "success".into())
@@ -197,7 +197,7 @@ async fn every_target_must_accept() {
     let key = support::test_key();
     let good = Downstream::start().await;
     let bad = Downstream::start().await;
-    *bad.status.lock().unwrap() = 409;
+    bad.set_status(409);
     let table = support::table_for(
         &json!({"alipay": {"appId": "2021000000000001", "signType": "RSA2", "publicKey": {"value": key.spki_pem().unwrap()}}}),
         "/a",
@@ -396,7 +396,7 @@ async fn reload_rotates_keys_without_a_failed_request() {
 async fn shutdown_drains_requests_in_flight() {
     let key = support::test_key();
     let downstream = Downstream::start().await;
-    *downstream.delay.lock().unwrap() = Duration::from_millis(600);
+    downstream.set_delay(Duration::from_millis(600));
     let ingress = support::ingress(alipay_setup(&key, &downstream.url), 1_800_000_000, TIMEOUT);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

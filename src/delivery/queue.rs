@@ -14,8 +14,8 @@ use tokio::sync::{Notify, Semaphore};
 const CONCURRENCY: usize = 32;
 /// Due deliveries fetched per round.
 const BATCH: usize = 64;
-/// A claimed delivery becomes due again after this long if its attempt never reports back
-/// (the process died mid-attempt): longer than any route's timeout.
+/// A claimed delivery becomes due again after this long if its attempt never reports back;
+/// claims left by a process that died are released when the next one starts.
 const CLAIM: Duration = Duration::from_secs(90);
 /// How often the dispatcher looks for due work when nothing wakes it (replays made by the
 /// CLI in another process, retries coming due).
@@ -55,6 +55,16 @@ fn jitter() -> f64 {
 
 /// Runs the dispatcher until the task is dropped.
 pub async fn dispatch(ingress: Arc<Ingress>, queue: Queue) {
+    match queue.store.release_claims(now_ms()).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            deliveries = n,
+            "resuming deliveries interrupted by the last stop"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot release old claims; they resume when they expire")
+        }
+    }
     let slots = Arc::new(Semaphore::new(CONCURRENCY));
     let mut last_housekeeping = tokio::time::Instant::now() - HOUSEKEEPING;
     loop {

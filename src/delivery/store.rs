@@ -12,6 +12,9 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Commands per transaction, at most.
 const MAX_BATCH: usize = 256;
+/// New events are refused beyond this share of the size limit, so that attempts, replays
+/// and pruning (which free space) still have room.
+const APPEND_SHARE: f64 = 0.9;
 /// Bytes of a target's answer kept with each attempt.
 pub const RESPONSE_SNIPPET: usize = 512;
 
@@ -246,6 +249,10 @@ enum Command {
         dead_before_ms: i64,
         reply: Reply<usize>,
     },
+    ReleaseClaims {
+        now_ms: i64,
+        reply: Reply<usize>,
+    },
 }
 
 /// The store handle; cheap to clone.
@@ -276,6 +283,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     state TEXT NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER NOT NULL,
+    claimed INTEGER NOT NULL DEFAULT 0,
     updated_at INTEGER NOT NULL,
     PRIMARY KEY (event_seq, target)
 );
@@ -311,10 +319,11 @@ impl Store {
         let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
         let pages = (max_size_bytes / page_size.max(512) as u64).max(16);
         conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+        let append_pages = (pages as f64 * APPEND_SHARE) as i64;
         let (tx, rx) = mpsc::channel(4096);
         std::thread::Builder::new()
             .name("paynotify-store".into())
-            .spawn(move || run(conn, rx))
+            .spawn(move || run(conn, rx, append_pages))
             .map_err(|e| StoreError::Sql(format!("cannot start the store thread: {e}")))?;
         Ok(Store {
             tx,
@@ -389,6 +398,13 @@ impl Store {
         self.call(|reply| Command::Stats { now_ms, reply }).await
     }
 
+    /// Makes deliveries claimed by a previous process due now: the attempt it was making
+    /// died with it. Only the one process that dispatches from this store calls this, at start.
+    pub async fn release_claims(&self, now_ms: i64) -> Result<usize, StoreError> {
+        self.call(|reply| Command::ReleaseClaims { now_ms, reply })
+            .await
+    }
+
     /// Forgets fully delivered events received before `delivered_before_ms` and dead letters
     /// received before `dead_before_ms`; returns how many events went.
     pub async fn prune(
@@ -405,7 +421,7 @@ impl Store {
     }
 }
 
-fn run(mut conn: rusqlite::Connection, mut rx: mpsc::Receiver<Command>) {
+fn run(mut conn: rusqlite::Connection, mut rx: mpsc::Receiver<Command>, append_pages: i64) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -418,7 +434,7 @@ fn run(mut conn: rusqlite::Connection, mut rx: mpsc::Receiver<Command>) {
         let outcome = (|| -> Result<(), StoreError> {
             let mut tx = conn.transaction()?;
             for command in batch.drain(..) {
-                done.push(execute(&mut tx, command));
+                done.push(execute(&mut tx, command, append_pages));
             }
             tx.commit()?;
             Ok(())
@@ -445,12 +461,13 @@ fn fail(command: Command, e: StoreError) {
         Command::Events { reply, .. } => drop(reply.send(Err(e))),
         Command::Stats { reply, .. } => drop(reply.send(Err(e))),
         Command::Prune { reply, .. } => drop(reply.send(Err(e))),
+        Command::ReleaseClaims { reply, .. } => drop(reply.send(Err(e))),
     }
 }
 
 /// Runs one command inside the open transaction; the returned closure answers it once the
 /// transaction's fate is known.
-fn execute(tx: &mut rusqlite::Transaction<'_>, command: Command) -> Answer {
+fn execute(tx: &mut rusqlite::Transaction<'_>, command: Command, append_pages: i64) -> Answer {
     fn deferred<T: Send + 'static>(reply: Reply<T>, result: Result<T, StoreError>) -> Answer {
         Box::new(move |commit: Option<&StoreError>| {
             let _ = reply.send(match (commit, result) {
@@ -462,7 +479,7 @@ fn execute(tx: &mut rusqlite::Transaction<'_>, command: Command) -> Answer {
         })
     }
     match command {
-        Command::Append(event, reply) => deferred(reply, append(tx, &event)),
+        Command::Append(event, reply) => deferred(reply, append(tx, &event, append_pages)),
         Command::Due {
             now_ms,
             claim_ms,
@@ -486,10 +503,32 @@ fn execute(tx: &mut rusqlite::Transaction<'_>, command: Command) -> Answer {
             dead_before_ms,
             reply,
         } => deferred(reply, prune(tx, delivered_before_ms, dead_before_ms)),
+        Command::ReleaseClaims { now_ms, reply } => deferred(
+            reply,
+            tx.execute(
+                "UPDATE deliveries SET next_attempt_at = ?1, claimed = 0 WHERE state = 'pending' AND claimed = 1",
+                [now_ms],
+            )
+            .map_err(StoreError::from),
+        ),
     }
 }
 
-fn append(tx: &mut rusqlite::Transaction<'_>, e: &NewEvent) -> Result<Appended, StoreError> {
+fn append(
+    tx: &mut rusqlite::Transaction<'_>,
+    e: &NewEvent,
+    append_pages: i64,
+) -> Result<Appended, StoreError> {
+    let used: i64 = tx.query_row(
+        "SELECT (SELECT page_count FROM pragma_page_count()) - (SELECT freelist_count FROM pragma_freelist_count())",
+        [],
+        |r| r.get(0),
+    )?;
+    if used >= append_pages {
+        return Err(StoreError::Sql(
+            "database or disk is full: the store reached its size limit".into(),
+        ));
+    }
     // A savepoint keeps a failed append (say, the store is full) from undoing the others
     // of the same group commit.
     let sp = tx.savepoint_with_name("append")?;
@@ -542,7 +581,7 @@ fn due(
         })?
         .collect::<Result<Vec<_>, _>>()?;
     let mut claim = tx.prepare_cached(
-        "UPDATE deliveries SET next_attempt_at = ?1 WHERE event_seq = ?2 AND target = ?3",
+        "UPDATE deliveries SET next_attempt_at = ?1, claimed = 1 WHERE event_seq = ?2 AND target = ?3",
     )?;
     for d in &rows {
         claim.execute(rusqlite::params![now_ms + claim_ms, d.seq, d.target])?;
@@ -562,7 +601,7 @@ fn record(tx: &rusqlite::Transaction<'_>, a: &AttemptRecord) -> Result<(), Store
         NextState::Dead => ("dead", a.at_ms),
     };
     tx.execute(
-        "UPDATE deliveries SET state = ?3, next_attempt_at = ?4 WHERE event_seq = ?1 AND target = ?2",
+        "UPDATE deliveries SET state = ?3, next_attempt_at = ?4, claimed = 0 WHERE event_seq = ?1 AND target = ?2",
         rusqlite::params![a.seq, a.target, state, next],
     )?;
     tx.execute(
@@ -816,6 +855,42 @@ mod tests {
                 ("e3", "http://a/"),
                 ("e3", "http://b/")
             ]
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn claims_of_a_stopped_process_are_released_at_the_next_start() {
+        let (store, dir) = temp_store("claims", 1 << 30);
+        store.append(event("e1", "o1", 1000)).await.unwrap();
+        assert_eq!(
+            store
+                .due(1000, Duration::from_secs(90), 10)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(
+            store
+                .due(5000, Duration::from_secs(90), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // A retry scheduled by a finished attempt is not a claim and stays where it is.
+        store.append(event("e2", "o2", 1000)).await.unwrap();
+        for d in store.due(1000, Duration::from_secs(90), 10).await.unwrap() {
+            store
+                .record(attempt(&d, 1000, NextState::RetryAt(60_000)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.release_claims(5000).await.unwrap(), 2);
+        let due = store.due(5000, Duration::from_secs(90), 10).await.unwrap();
+        assert_eq!(
+            due.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>(),
+            ["e1", "e1"]
         );
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -146,42 +146,79 @@ pub fn ingress(table: RoutingTable, now: i64, request_timeout: Duration) -> Arc<
     ingress
 }
 
-/// A request the downstream received.
+/// A request the downstream received, and the status it answered.
 #[derive(Debug, Clone)]
 pub struct Received {
     pub headers: http::HeaderMap,
     pub body: Vec<u8>,
+    pub status: u16,
+    pub at: std::time::Instant,
+}
+
+impl Received {
+    pub fn ok(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    pub fn event(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+/// How the downstream answers.
+#[derive(Debug, Clone)]
+pub struct Behaviour {
+    pub status: u16,
+    pub delay: Duration,
+    /// Answer 503 to every n-th request (1-based), whatever `status` says.
+    pub fail_every: Option<usize>,
+    pub retry_after: Option<u64>,
 }
 
 /// A downstream HTTP server on loopback that records requests and answers as told.
 pub struct Downstream {
     pub url: String,
     pub received: Arc<Mutex<Vec<Received>>>,
-    pub status: Arc<Mutex<u16>>,
-    pub delay: Arc<Mutex<Duration>>,
+    pub behaviour: Arc<Mutex<Behaviour>>,
 }
 
 impl Downstream {
     pub async fn start() -> Downstream {
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let status = Arc::new(Mutex::new(204u16));
-        let delay = Arc::new(Mutex::new(Duration::ZERO));
-        let (r, s, d) = (received.clone(), status.clone(), delay.clone());
+        let received = Arc::new(Mutex::new(Vec::<Received>::new()));
+        let behaviour = Arc::new(Mutex::new(Behaviour {
+            status: 204,
+            delay: Duration::ZERO,
+            fail_every: None,
+            retry_after: None,
+        }));
+        let (r, b) = (received.clone(), behaviour.clone());
         let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
-            let (r, s, d) = (r.clone(), s.clone(), d.clone());
+            let (r, b) = (r.clone(), b.clone());
             async move {
                 let (parts, body) = req.into_parts();
                 let body = axum::body::to_bytes(body, usize::MAX)
                     .await
                     .unwrap()
                     .to_vec();
-                let wait = *d.lock().unwrap();
-                tokio::time::sleep(wait).await;
-                r.lock().unwrap().push(Received {
+                let now = b.lock().unwrap().clone();
+                tokio::time::sleep(now.delay).await;
+                let mut list = r.lock().unwrap();
+                let n = list.len() + 1;
+                let status = match now.fail_every {
+                    Some(every) if n % every == 0 => 503,
+                    _ => now.status,
+                };
+                list.push(Received {
                     headers: parts.headers,
                     body,
+                    status,
+                    at: std::time::Instant::now(),
                 });
-                http::StatusCode::from_u16(*s.lock().unwrap()).unwrap()
+                let mut response = http::Response::builder().status(status);
+                if let Some(secs) = now.retry_after {
+                    response = response.header("retry-after", secs.to_string());
+                }
+                response.body(axum::body::Body::empty()).unwrap()
             }
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -190,9 +227,16 @@ impl Downstream {
         Downstream {
             url: format!("http://{addr}/events"),
             received,
-            status,
-            delay,
+            behaviour,
         }
+    }
+
+    pub fn set_status(&self, status: u16) {
+        self.behaviour.lock().unwrap().status = status;
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.behaviour.lock().unwrap().delay = delay;
     }
 
     pub fn count(&self) -> usize {
@@ -201,6 +245,10 @@ impl Downstream {
 
     pub fn take(&self) -> Vec<Received> {
         std::mem::take(&mut *self.received.lock().unwrap())
+    }
+
+    pub fn all(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
     }
 }
 
