@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds (once) the kube-apiserver and etcd binaries that the Kubernetes integration tests
-# run, from the checksum-pinned wrapper modules in tools/kubebins/{k8s,etcd}, and prints
+# run, and the nats-server that the JetStream tests of Queued delivery run, from the checksum-pinned wrapper modules in tools/kubebins/{k8s,etcd}, and prints
 #
 #   PAYNOTIFY_KUBE_APISERVER=<path>
 #   PAYNOTIFY_ETCD=<path>
+#   PAYNOTIFY_NATS_SERVER=<path>
 #
 # on stdout. Everything else (build logs, timings) goes to stderr, so a caller can do
 #   eval "$(bash scripts/kubebins.sh)"; export PAYNOTIFY_KUBE_APISERVER PAYNOTIFY_ETCD
@@ -119,5 +120,15 @@ if [[ ! -x $etcd_dir/etcd ]]; then
     "etcd Version: ${etcd_version#v}" -ldflags="-s -w"
 fi
 
+# --- nats-server (JetStream, for the Queued-delivery tests) ----------------------------
+nats_wrapper=tools/kubebins/nats
+nats_version=$(module_version "$nats_wrapper/go.mod" github.com/nats-io/nats-server/v2)
+nats_dir=$(cache_dir nats-server "$nats_version" "$nats_wrapper")
+if [[ ! -x $nats_dir/nats-server ]]; then
+  build nats-server "$nats_wrapper" github.com/nats-io/nats-server/v2 "$nats_dir" \
+    "nats-server: $nats_version" -ldflags="-s -w"
+fi
+
 echo "PAYNOTIFY_KUBE_APISERVER=$k8s_dir/kube-apiserver"
 echo "PAYNOTIFY_ETCD=$etcd_dir/etcd"
+echo "PAYNOTIFY_NATS_SERVER=$nats_dir/nats-server"

@@ -11,11 +11,11 @@ for tool in kill go taskset getconf; do
   command -v "$tool" >/dev/null || { echo "error: $tool is required by the tests" >&2; exit 1; }
 done
 
-echo "==> kube-apiserver and etcd for the operator tests (cached after the first build)"
+echo "==> kube-apiserver and etcd for the operator tests, nats-server for JetStream (cached after the first build)"
 # Assigned first: `eval "$(...)"` would not stop on a failed build under set -e.
 kubebins=$(bash scripts/kubebins.sh)
 eval "$kubebins"
-export PAYNOTIFY_KUBE_APISERVER PAYNOTIFY_ETCD
+export PAYNOTIFY_KUBE_APISERVER PAYNOTIFY_ETCD PAYNOTIFY_NATS_SERVER
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check

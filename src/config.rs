@@ -1,6 +1,7 @@
 //! The standalone config file of `paynotify serve`: listeners, limits and routes whose keys
 //! come from files, environment variables or inline values.
 
+use crate::delivery::jetstream::NatsSettings;
 use crate::spec::{GoDuration, KeyMaterial, RouteSpec};
 use crate::table::{CompileError, ResolvedRoute, TableDocument};
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,8 @@ pub struct StoreSettings {
     pub max_size_bytes: u64,
     /// Dead letters are kept this long.
     pub dead_letter_retention: Duration,
+    /// NATS JetStream instead of the file, for several ingress replicas.
+    pub nats: Option<crate::delivery::jetstream::NatsSettings>,
 }
 
 /// The platforms retry for about 25 hours; dedup must outlive that.
@@ -86,6 +89,8 @@ struct RawStore {
     max_size_bytes: u64,
     #[serde(default = "default_dead_letter_retention")]
     dead_letter_retention: GoDuration,
+    #[serde(default)]
+    nats: Option<RawNats>,
 }
 
 impl Default for RawStore {
@@ -94,7 +99,34 @@ impl Default for RawStore {
             path: default_store_path(),
             max_size_bytes: default_store_size(),
             dead_letter_retention: default_dead_letter_retention(),
+            nats: None,
         }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawNats {
+    url: String,
+    credentials_file: Option<PathBuf>,
+    stream: Option<String>,
+    replicas: Option<usize>,
+    dedup_window: Option<GoDuration>,
+    retention: Option<GoDuration>,
+    publish_timeout: Option<GoDuration>,
+}
+
+impl RawNats {
+    fn settings(self, base: &Path, dead_letter_retention: Duration) -> NatsSettings {
+        let mut s = NatsSettings::new(self.url);
+        s.credentials_file = self.credentials_file.map(|p| base.join(p));
+        s.stream = self.stream.unwrap_or(s.stream);
+        s.replicas = self.replicas.unwrap_or(s.replicas);
+        s.dedup_window = self.dedup_window.map_or(s.dedup_window, |d| d.0);
+        s.retention = self.retention.map_or(s.retention, |d| d.0);
+        s.publish_timeout = self.publish_timeout.map_or(s.publish_timeout, |d| d.0);
+        s.dead_letter_retention = dead_letter_retention;
+        s
     }
 }
 
@@ -221,6 +253,13 @@ pub fn parse(
     if raw.store.max_size_bytes < 1 << 20 {
         problems.push("store.maxSizeBytes: must be at least 1048576".to_string());
     }
+    let nats = raw
+        .store
+        .nats
+        .map(|n| n.settings(base, raw.store.dead_letter_retention.0));
+    if let Some(n) = &nats {
+        problems.extend(n.problems());
+    }
     if raw.listen == raw.admin_listen {
         problems.push("adminListen: must differ from listen".to_string());
     }
@@ -246,6 +285,7 @@ pub fn parse(
                 path: base.join(&raw.store.path),
                 max_size_bytes: raw.store.max_size_bytes,
                 dead_letter_retention: raw.store.dead_letter_retention.0,
+                nats,
             },
             admin_replay: raw.admin.replay,
         },

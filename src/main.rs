@@ -51,7 +51,7 @@ struct StoreSelection {
     #[arg(long, conflicts_with = "store")]
     config: Option<PathBuf>,
     /// The store file itself.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "nats_url")]
     store: Option<PathBuf>,
     /// Event id (repeatable).
     #[arg(long = "id")]
@@ -65,6 +65,8 @@ struct StoreSelection {
     /// …and before this one.
     #[arg(long)]
     until: Option<String>,
+    #[command(flatten)]
+    nats: NatsArgs,
 }
 
 #[derive(clap::Args)]
@@ -148,6 +150,42 @@ struct IngressArgs {
     /// Serve POST /replay on the admin listener.
     #[arg(long)]
     admin_replay: bool,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+/// Where the NATS JetStream store is.
+#[derive(clap::Args)]
+struct NatsArgs {
+    /// NATS server URL(s), comma-separated: the JetStream store for Queued routes, shared by
+    /// every ingress replica.
+    #[arg(long, env = "PAYNOTIFY_NATS_URL")]
+    nats_url: Option<String>,
+    /// NATS credentials file (JWT and NKey seed).
+    #[arg(long, env = "PAYNOTIFY_NATS_CREDS")]
+    nats_creds: Option<PathBuf>,
+    /// The JetStream stream name.
+    #[arg(long, default_value = "PAYNOTIFY")]
+    nats_stream: String,
+    /// Stream replicas.
+    #[arg(long, default_value_t = 3)]
+    nats_replicas: usize,
+}
+
+impl NatsArgs {
+    fn settings(&self) -> Option<Result<paynotify::delivery::jetstream::NatsSettings, String>> {
+        let url = self.nats_url.as_ref()?;
+        let mut s = paynotify::delivery::jetstream::NatsSettings::new(url.clone());
+        s.credentials_file = self.nats_creds.clone();
+        s.stream = self.nats_stream.clone();
+        s.replicas = self.nats_replicas;
+        let problems = s.problems();
+        Some(if problems.is_empty() {
+            Ok(s)
+        } else {
+            Err(problems.join("; "))
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -321,10 +359,22 @@ async fn ingress(args: IngressArgs) -> Result<(), String> {
     if args.admin_replay {
         ingress.enable_replay_endpoint();
     }
-    let dispatcher = match &args.store {
-        Some(path) => {
-            let store = paynotify::delivery::store::Store::open(path, args.store_max_bytes)
-                .map_err(|e| e.to_string())?;
+    use paynotify::delivery::queue::Backend;
+    let backend = match (&args.store, args.nats.settings()) {
+        (Some(_), Some(_)) => return Err("give --store or --nats-url, not both".into()),
+        (Some(path), None) => Some(Backend::Embedded(
+            paynotify::delivery::store::Store::open(path, args.store_max_bytes)
+                .map_err(|e| e.to_string())?,
+        )),
+        (None, Some(settings)) => Some(Backend::JetStream(
+            paynotify::delivery::jetstream::JetStream::connect(settings?)
+                .await
+                .map_err(|e| e.to_string())?,
+        )),
+        (None, None) => None,
+    };
+    let dispatcher = match backend {
+        Some(store) => {
             let queue = paynotify::delivery::queue::Queue {
                 store,
                 wake: std::sync::Arc::new(tokio::sync::Notify::new()),
@@ -356,30 +406,51 @@ async fn ingress(args: IngressArgs) -> Result<(), String> {
 }
 
 /// Opens the store named on the command line and turns the selection into a selector.
-fn open_store(
+async fn open_store(
     selection: StoreSelection,
     include_delivered: bool,
     require_filter: bool,
 ) -> Result<
     (
-        paynotify::delivery::store::Store,
+        paynotify::delivery::queue::Backend,
         paynotify::delivery::store::Selector,
     ),
     String,
 > {
+    use paynotify::delivery::jetstream::JetStream;
+    use paynotify::delivery::queue::Backend;
     use paynotify::delivery::store::{Selector, Store};
-    let (path, max) = match (selection.store, selection.config) {
-        (Some(path), _) => (path, u64::MAX / 2),
-        (None, Some(config)) => {
-            let loaded = paynotify::config::load(&config).map_err(|e| e.to_string())?;
-            (loaded.server.store.path, loaded.server.store.max_size_bytes)
+    let embedded = |path: PathBuf, max: u64| {
+        if !path.exists() {
+            return Err(format!("no store at {}", path.display()));
         }
-        (None, None) => return Err("give --config FILE or --store FILE".into()),
+        Store::open(&path, max)
+            .map(Backend::Embedded)
+            .map_err(|e| e.to_string())
     };
-    if !path.exists() {
-        return Err(format!("no store at {}", path.display()));
-    }
-    let store = Store::open(&path, max).map_err(|e| e.to_string())?;
+    let backend = match (selection.store, selection.config, selection.nats.settings()) {
+        (Some(path), _, _) => embedded(path, u64::MAX / 2)?,
+        (None, _, Some(settings)) => Backend::JetStream(
+            JetStream::open(settings?)
+                .await
+                .map_err(|e| e.to_string())?,
+        ),
+        (None, Some(config), None) => {
+            let store = paynotify::config::load(&config)
+                .map_err(|e| e.to_string())?
+                .server
+                .store;
+            match store.nats {
+                Some(settings) => {
+                    Backend::JetStream(JetStream::open(settings).await.map_err(|e| e.to_string())?)
+                }
+                None => embedded(store.path, store.max_size_bytes)?,
+            }
+        }
+        (None, None, None) => {
+            return Err("give --config FILE, --store FILE or --nats-url URL".into());
+        }
+    };
     let selector = if !require_filter && selection.ids.is_empty() && selection.route.is_none() {
         Selector::default()
     } else {
@@ -391,11 +462,11 @@ fn open_store(
             include_delivered,
         )?
     };
-    Ok((store, selector))
+    Ok((backend, selector))
 }
 
 async fn events(args: EventsArgs) -> Result<(), String> {
-    let (store, selector) = open_store(args.selection, false, false)?;
+    let (store, selector) = open_store(args.selection, false, false).await?;
     for event in store
         .events(selector, args.limit)
         .await
@@ -410,12 +481,8 @@ async fn events(args: EventsArgs) -> Result<(), String> {
 }
 
 async fn replay(args: ReplayArgs) -> Result<(), String> {
-    let (store, selector) = open_store(args.selection, args.include_delivered, true)?;
-    let now = paynotify::delivery::queue::now_ms();
-    let n = store
-        .replay(selector, now)
-        .await
-        .map_err(|e| e.to_string())?;
+    let (store, selector) = open_store(args.selection, args.include_delivered, true).await?;
+    let n = store.replay(selector).await.map_err(|e| e.to_string())?;
     println!("re-queued {n} deliveries");
     Ok(())
 }

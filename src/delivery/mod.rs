@@ -2,6 +2,7 @@
 //! deduplication cache in front of them.
 
 pub mod dedup;
+pub mod jetstream;
 pub mod queue;
 pub mod retry;
 pub mod store;

@@ -2,8 +2,11 @@
 //! dispatcher then owns delivery — due deliveries, one attempt each, retries on the route's
 //! schedule, dead letters after the last attempt — and keeps the backlog metrics current.
 
+use super::jetstream::JetStream;
 use super::retry::{self, Verdict};
-use super::store::{AttemptRecord, NextState, Selector, Store, StoreError};
+use super::store::{
+    Appended, AttemptRecord, EventView, NewEvent, NextState, Selector, Store, StoreError,
+};
 use crate::ingress::Ingress;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -23,11 +26,51 @@ const IDLE_POLL: Duration = Duration::from_millis(250);
 /// How often backlog metrics are refreshed and old events pruned.
 const HOUSEKEEPING: Duration = Duration::from_secs(5);
 
+/// Where Queued events are stored: one file on this machine, or a replicated NATS JetStream
+/// stream shared by every ingress replica.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The embedded SQLite store.
+    Embedded(Store),
+    /// NATS JetStream.
+    JetStream(JetStream),
+}
+
+impl Backend {
+    /// Stores a verified event durably (or finds it already stored).
+    pub async fn append(&self, event: NewEvent) -> Result<Appended, StoreError> {
+        match self {
+            Backend::Embedded(store) => store.append(event).await,
+            Backend::JetStream(js) => js.append(event).await,
+        }
+    }
+
+    /// Re-queues the selected deliveries and counts them.
+    pub async fn replay(&self, selector: Selector) -> Result<usize, StoreError> {
+        match self {
+            Backend::Embedded(store) => store.replay(selector, now_ms()).await,
+            Backend::JetStream(js) => js.replay(selector).await,
+        }
+    }
+
+    /// The selected events with their deliveries and attempts, newest first.
+    pub async fn events(
+        &self,
+        selector: Selector,
+        limit: usize,
+    ) -> Result<Vec<EventView>, StoreError> {
+        match self {
+            Backend::Embedded(store) => store.events(selector, limit).await,
+            Backend::JetStream(js) => js.events(selector, limit).await,
+        }
+    }
+}
+
 /// The store and the bell that wakes the dispatcher.
 #[derive(Debug, Clone)]
 pub struct Queue {
     /// The durable store.
-    pub store: Store,
+    pub store: Backend,
     /// Rung after every append.
     pub wake: Arc<Notify>,
     /// Delivered events are kept (for dedup) this long.
@@ -55,7 +98,14 @@ fn jitter() -> f64 {
 
 /// Runs the dispatcher until the task is dropped.
 pub async fn dispatch(ingress: Arc<Ingress>, queue: Queue) {
-    match queue.store.release_claims(now_ms()).await {
+    match &queue.store {
+        Backend::Embedded(store) => dispatch_embedded(ingress, store.clone(), queue).await,
+        Backend::JetStream(js) => super::jetstream::dispatch(ingress, js.clone()).await,
+    }
+}
+
+async fn dispatch_embedded(ingress: Arc<Ingress>, store: Store, queue: Queue) {
+    match store.release_claims(now_ms()).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(
             deliveries = n,
@@ -69,10 +119,10 @@ pub async fn dispatch(ingress: Arc<Ingress>, queue: Queue) {
     let mut last_housekeeping = tokio::time::Instant::now() - HOUSEKEEPING;
     loop {
         if last_housekeeping.elapsed() >= HOUSEKEEPING {
-            housekeeping(&ingress, &queue).await;
+            housekeeping(&ingress, &store, &queue).await;
             last_housekeeping = tokio::time::Instant::now();
         }
-        let due = match queue.store.due(now_ms(), CLAIM, BATCH).await {
+        let due = match store.due(now_ms(), CLAIM, BATCH).await {
             Ok(due) => due,
             Err(e) => {
                 ingress.metrics.store_errors.inc();
@@ -86,7 +136,7 @@ pub async fn dispatch(ingress: Arc<Ingress>, queue: Queue) {
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 return;
             };
-            let (ingress, store) = (ingress.clone(), queue.store.clone());
+            let (ingress, store) = (ingress.clone(), store.clone());
             tokio::spawn(async move {
                 attempt(&ingress, &store, delivery).await;
                 drop(slot);
@@ -99,25 +149,78 @@ pub async fn dispatch(ingress: Arc<Ingress>, queue: Queue) {
 }
 
 async fn attempt(ingress: &Ingress, store: &Store, d: super::store::DueDelivery) {
+    let tried = try_once(
+        ingress,
+        &d.route,
+        &d.target,
+        &d.event_id,
+        Bytes::from(d.body),
+        d.attempts,
+    )
+    .await;
+    let record = AttemptRecord {
+        seq: d.seq,
+        target: d.target.clone(),
+        at_ms: tried.at_ms,
+        status: tried.status,
+        latency: tried.latency,
+        response: tried.response,
+        error: tried.error,
+        next: tried.next,
+    };
+    if let Err(e) = store.record(record).await {
+        // The claim expires and the delivery is attempted again: at least once.
+        ingress.metrics.store_errors.inc();
+        tracing::error!(error = %e, event_id = %d.event_id, "cannot record a delivery attempt");
+    }
+}
+
+/// The outcome of one delivery attempt, whichever store keeps it.
+#[derive(Debug, Clone)]
+pub struct Tried {
+    /// When the attempt started, unix milliseconds.
+    pub at_ms: i64,
+    /// HTTP status, if any answer came.
+    pub status: Option<u16>,
+    /// How long it took.
+    pub latency: Duration,
+    /// The start of the target's answer.
+    pub response: String,
+    /// Transport error, if any.
+    pub error: Option<String>,
+    /// What happens next.
+    pub next: NextState,
+}
+
+/// Makes attempt number `made + 1` of one delivery and decides what comes next: the
+/// route's schedule (with jitter and `Retry-After`), an immediate dead letter for a refusal,
+/// a dead letter after the last attempt. Counts retries and dead letters.
+pub async fn try_once(
+    ingress: &Ingress,
+    route_name: &str,
+    target_label: &str,
+    event_id: &str,
+    body: Bytes,
+    made: u32,
+) -> Tried {
     let table = ingress.table();
     let at_ms = now_ms();
-    let route = table.by_name(&d.route);
-    let target = route.and_then(|r| r.targets.iter().find(|t| t.label() == d.target));
-    let (record, next) = match (route, target) {
+    let route = table.by_name(route_name);
+    let target = route.and_then(|r| r.targets.iter().find(|t| t.label() == target_label));
+    let tried = match (route, target) {
         (Some(route), Some(target)) => {
-            let body = Bytes::from(d.body);
             let sent = ingress
                 .forwarder
                 .send(
                     route,
                     target,
-                    &d.event_id,
+                    event_id,
                     &body,
                     at_ms / 1000,
                     &ingress.metrics,
                 )
                 .await;
-            let made = d.attempts + 1;
+            let made = made + 1;
             let next = match retry::classify(sent.status) {
                 Verdict::Delivered => NextState::Delivered,
                 Verdict::Refused => NextState::Dead,
@@ -129,73 +232,68 @@ async fn attempt(ingress: &Ingress, store: &Store, d: super::store::DueDelivery)
                     }
                 }
             };
-            let record = AttemptRecord {
-                seq: d.seq,
-                target: d.target.clone(),
+            Tried {
                 at_ms,
                 status: sent.status,
                 latency: sent.latency,
                 response: sent.response,
                 error: sent.error,
                 next,
-            };
-            (record, next)
+            }
         }
         // The route or target left the configuration: keep the event as a dead letter,
         // replayable once it is back.
-        _ => (
-            AttemptRecord {
-                seq: d.seq,
-                target: d.target.clone(),
-                at_ms,
-                status: None,
-                latency: Duration::ZERO,
-                response: String::new(),
-                error: Some("route or target no longer configured".into()),
-                next: NextState::Dead,
-            },
-            NextState::Dead,
-        ),
+        _ => Tried {
+            at_ms,
+            status: None,
+            latency: Duration::ZERO,
+            response: String::new(),
+            error: Some("route or target no longer configured".into()),
+            next: NextState::Dead,
+        },
     };
-    match next {
-        NextState::RetryAt(_) => ingress.metrics.retries.with_label_values(&[&d.route]).inc(),
+    match tried.next {
+        NextState::RetryAt(_) => ingress
+            .metrics
+            .retries
+            .with_label_values(&[route_name])
+            .inc(),
         NextState::Dead => {
             ingress
                 .metrics
                 .dead_lettered
-                .with_label_values(&[&d.route])
+                .with_label_values(&[route_name])
                 .inc();
-            tracing::warn!(route = %d.route, target = %d.target, event_id = %d.event_id, "dead letter");
+            tracing::warn!(route = %route_name, target = %target_label, event_id = %event_id, "dead letter");
         }
         NextState::Delivered => {}
     }
-    if let Err(e) = store.record(record).await {
-        // The claim expires and the delivery is attempted again: at least once.
-        ingress.metrics.store_errors.inc();
-        tracing::error!(error = %e, event_id = %d.event_id, "cannot record a delivery attempt");
+    tried
+}
+
+/// Publishes a fresh set of backlog gauges (routes without backlog disappear).
+pub fn set_backlog(ingress: &Ingress, stats: &[super::store::RouteStats]) {
+    let m = &ingress.metrics;
+    m.queue_depth.reset();
+    m.queue_oldest_age.reset();
+    m.dead_letters.reset();
+    for s in stats {
+        m.queue_depth
+            .with_label_values(&[&s.route])
+            .set(s.depth as i64);
+        m.queue_oldest_age
+            .with_label_values(&[&s.route])
+            .set(s.oldest_age_secs);
+        m.dead_letters
+            .with_label_values(&[&s.route])
+            .set(s.dead as i64);
     }
 }
 
-async fn housekeeping(ingress: &Ingress, queue: &Queue) {
+async fn housekeeping(ingress: &Ingress, store: &Store, queue: &Queue) {
     let now = now_ms();
-    match queue.store.stats(now).await {
-        Ok(stats) => {
-            let m = &ingress.metrics;
-            m.queue_depth.reset();
-            m.queue_oldest_age.reset();
-            m.dead_letters.reset();
-            for s in stats {
-                m.queue_depth
-                    .with_label_values(&[&s.route])
-                    .set(s.depth as i64);
-                m.queue_oldest_age
-                    .with_label_values(&[&s.route])
-                    .set(s.oldest_age_secs);
-                m.dead_letters
-                    .with_label_values(&[&s.route])
-                    .set(s.dead as i64);
-            }
-        }
+    match store.stats(now).await {
+        Ok(stats) => set_backlog(ingress, &stats),
         Err(e) => {
             ingress.metrics.store_errors.inc();
             tracing::error!(error = %e, "cannot read queue statistics");
@@ -203,7 +301,7 @@ async fn housekeeping(ingress: &Ingress, queue: &Queue) {
     }
     let delivered_before = now - queue.retention.as_millis() as i64;
     let dead_before = now - queue.dead_letter_retention.as_millis() as i64;
-    if let Err(e) = queue.store.prune(delivered_before, dead_before).await {
+    if let Err(e) = store.prune(delivered_before, dead_before).await {
         ingress.metrics.store_errors.inc();
         tracing::error!(error = %e, "cannot prune the store");
     }
@@ -216,7 +314,7 @@ pub async fn replay(
     selector: Selector,
 ) -> Result<usize, StoreError> {
     let route = selector.route.clone().unwrap_or_else(|| "all".into());
-    let n = queue.store.replay(selector, now_ms()).await?;
+    let n = queue.store.replay(selector).await?;
     ingress
         .metrics
         .replayed

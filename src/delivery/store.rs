@@ -18,10 +18,13 @@ const APPEND_SHARE: f64 = 0.9;
 /// Bytes of a target's answer kept with each attempt.
 pub const RESPONSE_SNIPPET: usize = 512;
 
-/// Why the store could not do something. Every failure of an append means "do not tell the
+/// Why a store could not do something. Every failure of an append means "do not tell the
 /// platform success".
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
+    /// The distributed store (NATS JetStream) did not answer or refused.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// SQLite refused (full, read-only, corrupt…).
     #[error("store: {0}")]
     Sql(String),

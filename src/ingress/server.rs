@@ -44,7 +44,7 @@ pub enum ServeError {
     /// Signal handlers could not be installed.
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
-    /// The embedded store could not be opened.
+    /// The store could not be opened.
     #[error(transparent)]
     Store(crate::delivery::store::StoreError),
 }
@@ -78,7 +78,7 @@ pub async fn serve(config_path: PathBuf) -> Result<(), ServeError> {
         ingress.enable_replay_endpoint();
     }
     let dispatcher = if queued {
-        let queue = open_queue(&settings)?;
+        let queue = open_queue(&settings).await?;
         ingress.attach_queue(queue.clone());
         Some(crate::delivery::queue::dispatch(ingress.clone(), queue))
     } else {
@@ -115,12 +115,29 @@ fn has_queued_routes(table: &RoutingTable) -> bool {
         .any(|r| r.mode == crate::spec::DeliveryMode::Queued)
 }
 
-/// Opens the embedded store of the config file.
-pub fn open_queue(settings: &ServerSettings) -> Result<crate::delivery::queue::Queue, ServeError> {
-    let store =
-        crate::delivery::store::Store::open(&settings.store.path, settings.store.max_size_bytes)
+/// Opens the store of the config file: JetStream when `store.nats` is set, else the file.
+pub async fn open_queue(
+    settings: &ServerSettings,
+) -> Result<crate::delivery::queue::Queue, ServeError> {
+    use crate::delivery::queue::Backend;
+    let store = match &settings.store.nats {
+        Some(nats) => {
+            let js = crate::delivery::jetstream::JetStream::connect(nats.clone())
+                .await
+                .map_err(ServeError::Store)?;
+            tracing::info!(url = %nats.url, stream = %nats.stream, "JetStream store selected");
+            Backend::JetStream(js)
+        }
+        None => {
+            let store = crate::delivery::store::Store::open(
+                &settings.store.path,
+                settings.store.max_size_bytes,
+            )
             .map_err(ServeError::Store)?;
-    tracing::info!(path = %settings.store.path.display(), "embedded store open");
+            tracing::info!(path = %settings.store.path.display(), "embedded store open");
+            Backend::Embedded(store)
+        }
+    };
     Ok(crate::delivery::queue::Queue {
         store,
         wake: Arc::new(tokio::sync::Notify::new()),
