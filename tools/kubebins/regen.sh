@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Regenerates the wrapper modules tools/kubebins/k8s and tools/kubebins/etcd from scratch
+# Regenerates the wrapper modules tools/kubebins/{k8s,etcd,nats} from scratch
 # (go.mod + go.sum). Only needed to change versions; scripts/kubebins.sh never runs it.
 #
-#   bash tools/kubebins/regen.sh [K8S_VERSION [STAGING_VERSION [ETCD_VERSION]]]
-#   defaults:                     v1.37.2      v0.37.2           v3.7.3
+#   bash tools/kubebins/regen.sh [K8S_VERSION [STAGING_VERSION [ETCD_VERSION [NATS_VERSION]]]]
+#   defaults:                     v1.37.2      v0.37.2           v3.7.3        v2.15.3
 #
 # The staging list is read from the real go.mod of k8s.io/kubernetes (every k8s.io/*
 # module it requires at the placeholder v0.0.0), so it never needs hand maintenance.
@@ -14,6 +14,7 @@ cd "$(dirname "$0")"
 K8S=${1:-v1.37.2}
 STG=${2:-v0.37.2}
 ETCD=${3:-v3.7.3}
+NATS=${4:-v2.15.3}
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
 # --- k8s ----------------------------------------------------------------------------------
@@ -54,4 +55,8 @@ rm -f k8s/go.sum
 printf 'module paynotify-kubebins/etcd\n\ngo 1.26.0\n\ntool go.etcd.io/etcd/server/v3\n\nrequire go.etcd.io/etcd/server/v3 %s\n' "$ETCD" > etcd/go.mod
 rm -f etcd/go.sum
 (cd etcd && go mod tidy)
-echo "regenerated tools/kubebins/k8s and tools/kubebins/etcd; commit go.mod and go.sum" >&2
+# --- nats-server --------------------------------------------------------------------------
+printf 'module paynotify-kubebins/nats\n\ngo 1.26.0\n\ntool github.com/nats-io/nats-server/v2\n\nrequire github.com/nats-io/nats-server/v2 %s\n' "$NATS" > nats/go.mod
+rm -f nats/go.sum
+(cd nats && go mod tidy)
+echo "regenerated tools/kubebins/{k8s,etcd,nats}; commit go.mod and go.sum" >&2
