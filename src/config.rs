@@ -403,6 +403,39 @@ routes:
     }
 
     #[test]
+    fn the_nats_store_is_read_with_defaults_and_checked() {
+        let ok = parse(
+            "listen: 127.0.0.1:8080\nstore:\n  nats: {url: nats://n:4222, credentialsFile: a.creds, replicas: 3}\nroutes: []\n",
+            Path::new("/etc/paynotify"),
+            &no_env,
+        )
+        .unwrap();
+        let nats = ok.server.store.nats.unwrap();
+        assert_eq!(nats.url, "nats://n:4222");
+        assert_eq!(nats.replicas, 3);
+        assert_eq!(nats.stream, "PAYNOTIFY");
+        assert_eq!(nats.dedup_window, MIN_DEDUP_RETENTION);
+        assert_eq!(
+            nats.credentials_file.as_deref(),
+            Some(Path::new("/etc/paynotify/a.creds"))
+        );
+        let bad = parse(
+            "listen: 127.0.0.1:8080\nstore:\n  nats: {url: nats://n, dedupWindow: 1h, stream: a.b}\nroutes: []\n",
+            Path::new("."),
+            &no_env,
+        )
+        .unwrap_err();
+        assert!(
+            bad.iter().any(|p| p.starts_with("store.nats.dedupWindow")),
+            "{bad:?}"
+        );
+        assert!(
+            bad.iter().any(|p| p.starts_with("store.nats.stream")),
+            "{bad:?}"
+        );
+    }
+
+    #[test]
     fn defaults_and_limits() {
         let ok = parse(
             "listen: 127.0.0.1:8080\nroutes: []\n",
