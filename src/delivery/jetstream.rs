@@ -538,6 +538,10 @@ impl JetStream {
         let mut filters = Vec::new();
         if !selector.ids.is_empty() {
             for id in &selector.ids {
+                // An id becomes a subject token: `*`, `>` or `.` would widen the selection.
+                if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(StoreError::Request(format!("not an event id: {id:?}")));
+                }
                 filters.push(format!("{}.events.*.*.{id}", s.stream));
             }
         } else if let Some(route) = &selector.route {

@@ -22,6 +22,9 @@ pub const RESPONSE_SNIPPET: usize = 512;
 /// platform success".
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
+    /// The request itself is wrong (an id that cannot be one).
+    #[error("{0}")]
+    Request(String),
     /// The distributed store (NATS JetStream) did not answer or refused.
     #[error("store unavailable: {0}")]
     Unavailable(String),

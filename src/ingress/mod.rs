@@ -199,6 +199,9 @@ async fn replay(
             StatusCode::OK,
             serde_json::json!({"requeued": n}).to_string(),
         ),
+        Err(e @ crate::delivery::store::StoreError::Request(_)) => {
+            (StatusCode::BAD_REQUEST, format!("{e}\n"))
+        }
         Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
     }
 }
