@@ -51,11 +51,23 @@ impl Replica {
         target: &str,
         schedule: &[&str],
     ) -> Replica {
+        Self::start_replicated(dir, name, key, nats, 1, target, schedule)
+    }
+
+    fn start_replicated(
+        dir: &std::path::Path,
+        name: &str,
+        key: &TestKey,
+        nats: &str,
+        replicas: usize,
+        target: &str,
+        schedule: &[&str],
+    ) -> Replica {
         let (port, admin) = (free_port(), free_port());
         let config = json!({
             "listen": format!("127.0.0.1:{port}"),
             "adminListen": format!("127.0.0.1:{admin}"),
-            "store": {"nats": {"url": nats, "stream": "PAYNOTIFY", "publishTimeout": "1s"}},
+            "store": {"nats": {"url": nats, "stream": "PAYNOTIFY", "replicas": replicas, "publishTimeout": "1s"}},
             "admin": {"replay": true},
             "routes": [{
                 "name": "q", "path": "/q",
@@ -523,5 +535,71 @@ async fn events_of_one_order_keep_their_order_across_replicas() {
             "order ORD-{i}: the refund overtook its payment"
         );
     }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_replicated_on_three_servers_survives_losing_one() {
+    let mut servers = NatsServer::cluster("r3");
+    let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
+    let key = Arc::new(support::test_key());
+    let downstream = Downstream::start().await;
+    let dir = temp_dir("r3");
+    let a = Replica::start_replicated(
+        &dir,
+        "a",
+        &key,
+        &urls.join(","),
+        3,
+        &downstream.url,
+        &["200ms"; 8],
+    );
+    let client = reqwest::Client::new();
+    until_ready(&client, &key, &[&a]).await;
+    let js = async_nats::jetstream::new(async_nats::connect(urls[0].as_str()).await.unwrap());
+    let mut stream = js.get_stream("PAYNOTIFY").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.config.num_replicas, 3);
+    // The stream's leader is the server to lose: a new leader must be elected.
+    let leader = info
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("a stream leader");
+    let leader = (0..3)
+        .find(|i| leader == format!("paynotify-test-r3-{i}"))
+        .expect("the leader is one of ours");
+    drop(js);
+    let mut acked = HashSet::new();
+    let total = 60;
+    for i in 0..total {
+        if i == total / 3 {
+            // Lose the leader (the stream keeps a quorum of two).
+            servers[leader].stop();
+        }
+        let order = format!("R3-{i}");
+        let body = paynotify::signer::alipay_payment(&key, APP_ID, &order).unwrap();
+        for _ in 0..20 {
+            if post(&client, &a.url(), &body).await.as_deref() == Some("success") {
+                acked.insert(order.clone());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    assert!(
+        acked.len() > total * 2 / 3,
+        "too few acknowledged ({}) with two of three servers up",
+        acked.len()
+    );
+    wait(
+        "every acknowledged notification delivered",
+        Duration::from_secs(60),
+        || {
+            let delivered: HashSet<String> = delivered_orders(&downstream).into_keys().collect();
+            acked.is_subset(&delivered).then_some(())
+        },
+    )
+    .await;
     let _ = std::fs::remove_dir_all(dir);
 }

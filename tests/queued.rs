@@ -4,7 +4,7 @@
 
 mod support;
 
-use paynotify::delivery::queue::{self, Queue};
+use paynotify::delivery::queue::{self, Backend, Queue};
 use paynotify::delivery::store::{Selector, Store};
 use paynotify::ingress::Ingress;
 use serde_json::{Value, json};
@@ -44,7 +44,7 @@ fn queued_ingress(
     let table = paynotify::table::compile(&loaded.document).unwrap();
     let ingress = support::ingress(table, 1_800_000_000, Duration::from_secs(5));
     let queue = Queue {
-        store: Store::open(store, max_bytes).unwrap(),
+        store: Backend::Embedded(Store::open(store, max_bytes).unwrap()),
         wake: Arc::new(tokio::sync::Notify::new()),
         retention: Duration::from_secs(25 * 3600),
         dead_letter_retention: Duration::from_secs(7 * 86400),

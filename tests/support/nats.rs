@@ -44,14 +44,38 @@ fn free_port() -> u16 {
 impl NatsServer {
     /// Starts a fresh server and waits until it accepts connections.
     pub fn start(name: &str) -> NatsServer {
+        Self::start_with(name, free_port(), "")
+    }
+
+    /// Starts three servers clustered with each other (JetStream replicas up to 3).
+    pub fn cluster(name: &str) -> Vec<NatsServer> {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        (0..3)
+            .map(|i| {
+                let routes: Vec<String> = ports
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .map(|(_, (_, c))| format!("nats-route://127.0.0.1:{c}"))
+                    .collect();
+                let cluster = format!(
+                    "cluster {{\n  name: paynotify-test-{name}\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    ports[i].1,
+                    routes.join(", ")
+                );
+                Self::start_with(&format!("{name}-{i}"), ports[i].0, &cluster)
+            })
+            .collect()
+    }
+
+    fn start_with(name: &str, port: u16, extra: &str) -> NatsServer {
         let dir =
             std::env::temp_dir().join(format!("paynotify-nats-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let port = free_port();
         let config = format!(
             "listen: 127.0.0.1:{port}\nserver_name: paynotify-test-{name}\n\
-             jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n",
+             jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n{extra}",
             dir.join("js").display()
         );
         std::fs::write(dir.join("nats.conf"), config).unwrap();
