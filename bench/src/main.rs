@@ -7,6 +7,7 @@ mod proc_stats;
 mod report;
 mod run;
 mod sink;
+mod stores;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -41,6 +42,11 @@ enum Command {
         #[arg(long)]
         criterion: PathBuf,
     },
+    /// Durable appends: paynotify's SQLite store against redb, with and without group commit.
+    Stores(stores::StoresArgs),
+    /// One access to a store file held open by `stores` (started by `stores`).
+    #[command(hide = true)]
+    StoreProbe(stores::ProbeArgs),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +55,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Sink { listen, secret } => sink::serve(listen, &secret),
         Command::Micro { criterion } => report::micro_table(&criterion).map(|t| print!("{t}")),
+        Command::Stores(args) => stores::run(args),
+        Command::StoreProbe(args) => stores::probe(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -85,7 +85,7 @@ pub fn render(
     )?;
     writeln!(
         out,
-        "- Plan: {} signed notifications per provider; fixed rate {:.0}/s for {:.1} s; search from {:.0}/s (×2, then {} bisections, cap {:.0}/s, steps of at most {:.1} s); sustainable = no errors, p99 < {P99_LIMIT_MS} ms, ≥ 90% of the rate served. Delivery mode: Synchronous (Queued does not exist yet).\n",
+        "- Plan: {} signed notifications per provider; fixed rate {:.0}/s for {:.1} s; search from {:.0}/s (×2, then {} bisections, cap {:.0}/s, steps of at most {:.1} s); sustainable = no errors, p99 < {P99_LIMIT_MS} ms, ≥ 90% of the rate served. Delivery mode: Synchronous.\n",
         plan.corpus,
         plan.fixed_rate,
         plan.fixed_secs,
@@ -196,4 +196,23 @@ pub fn micro_table(dir: &Path) -> Result<String, Error> {
         )?;
     }
     Ok(out)
+}
+
+/// Replaces the part of `path` between the markers `begin` and `end`, or appends it with
+/// its markers when they are missing (or writes it alone to a new file).
+pub fn write_section(path: &Path, section: &str, begin: &str, end: &str) -> Result<(), Error> {
+    let generated = format!("{begin}\n{section}{end}\n");
+    let text = match std::fs::read_to_string(path) {
+        Ok(old) => match (old.find(begin), old.find(end)) {
+            (Some(a), Some(b)) if a < b => format!(
+                "{}{generated}{}",
+                &old[..a],
+                old[b + end.len()..].trim_start_matches('\n')
+            ),
+            _ => format!("{old}\n{generated}"),
+        },
+        Err(_) => generated,
+    };
+    std::fs::write(path, text)?;
+    Ok(())
 }

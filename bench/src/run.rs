@@ -8,7 +8,7 @@ use crate::load::{self, LoadResult};
 use crate::proc_stats;
 use crate::report::{self, Measurement};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -437,28 +437,10 @@ pub fn run(args: RunArgs) -> Result<(), Error> {
         micro.as_deref(),
         &setup.args.peer,
     )?;
-    write_section(&setup.args.out, &section)?;
+    report::write_section(&setup.args.out, &section, BEGIN, END)?;
     eprintln!("report written to {}", setup.args.out.display());
     Ok(())
 }
 
 const BEGIN: &str = "<!-- results:begin -->";
 const END: &str = "<!-- results:end -->";
-
-/// Replaces the generated part of `path` (between the markers), or writes it alone.
-fn write_section(path: &Path, section: &str) -> Result<(), Error> {
-    let generated = format!("{BEGIN}\n{section}{END}\n");
-    let text = match std::fs::read_to_string(path) {
-        Ok(old) => match (old.find(BEGIN), old.find(END)) {
-            (Some(a), Some(b)) if a < b => format!(
-                "{}{generated}{}",
-                &old[..a],
-                old[b + END.len()..].trim_start_matches('\n')
-            ),
-            _ => format!("{old}\n{generated}"),
-        },
-        Err(_) => generated,
-    };
-    std::fs::write(path, text)?;
-    Ok(())
-}
