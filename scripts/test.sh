@@ -16,6 +16,11 @@ echo "==> kube-apiserver and etcd for the operator tests, nats-server for JetStr
 kubebins=$(bash scripts/kubebins.sh)
 eval "$kubebins"
 export PAYNOTIFY_KUBE_APISERVER PAYNOTIFY_ETCD PAYNOTIFY_NATS_SERVER
+echo "==> helm and promtool for the chart and alert tests, and the CRDs of the monitoring kinds (cached after the first build)"
+# Assigned first: `eval "$(...)"` would not stop on a failed build under set -e.
+helmtools=$(bash scripts/helmtools.sh)
+eval "$helmtools"
+export PAYNOTIFY_HELM PAYNOTIFY_PROMTOOL PAYNOTIFY_TEST_CRDS
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
