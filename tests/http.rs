@@ -279,6 +279,17 @@ async fn wechat_v3_end_to_end_with_platform_certificate() {
             .get("ciphertext")
             .is_none()
     );
+    // The certificate's expiry is exported for the expiry alert (notAfter 2040-01-01).
+    let metrics = ingress.metrics.render();
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("paynotify_certificate_not_after_timestamp_seconds{")
+                && l.contains("serial=\"5A0102\"")
+        })
+        .unwrap_or_else(|| panic!("no certificate expiry metric in:\n{metrics}"));
+    let not_after: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert_eq!(not_after, 2_208_988_800, "{line}");
 }
 
 /// A WeChat Pay certificate rotation through reloads: while requests signed with the old

@@ -75,6 +75,8 @@ pub struct Metrics {
     pub table_generation: IntGauge,
     /// Routes in the table being served.
     pub table_routes: IntGauge,
+    /// notAfter of every platform certificate in the table, per route and serial.
+    pub certificate_not_after: IntGaugeVec,
     /// Successful table reloads.
     pub reloads: IntCounter,
     /// Reloads refused because the new configuration was bad.
@@ -225,6 +227,17 @@ impl Metrics {
                 &ACK_BUCKETS,
             )
             .with_label_values(&[] as &[&str]),
+            certificate_not_after: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "paynotify_certificate_not_after_timestamp_seconds",
+                        "Expiry (unix seconds) of each platform certificate a route verifies with.",
+                    ),
+                    &["route", "provider", "serial"],
+                )
+                .expect("valid metric"),
+            ),
             queue_depth: reg(
                 &registry,
                 IntGaugeVec::new(

@@ -93,10 +93,18 @@ impl Ingress {
 
     /// Installs a new table atomically: requests already running finish with the old one.
     pub fn install(&self, table: RoutingTable) {
+        // Rebuilt from scratch: a rotated-out certificate must stop alerting.
+        self.metrics.certificate_not_after.reset();
         for route in table.routes() {
             let targets: Vec<&str> = route.targets.iter().map(|t| t.label()).collect();
-            self.metrics
-                .declare_route(&route.name, route.adapter.kind(), &targets);
+            let kind = route.adapter.kind();
+            self.metrics.declare_route(&route.name, kind, &targets);
+            for (serial, not_after) in route.adapter.certificates() {
+                self.metrics
+                    .certificate_not_after
+                    .with_label_values(&[&route.name, kind.as_str(), &serial])
+                    .set(not_after);
+            }
         }
         self.metrics.table_generation.set(table.generation as i64);
         self.metrics.table_routes.set(table.len() as i64);

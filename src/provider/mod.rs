@@ -230,6 +230,19 @@ impl Adapter {
         }
     }
 
+    /// The certificates this adapter verifies with: (serial, notAfter unix seconds).
+    pub fn certificates(&self) -> Vec<(String, i64)> {
+        let keys: Vec<&crate::keys::RsaPublicKey> = match self {
+            Adapter::Alipay(a) => vec![a.key()],
+            Adapter::WechatPayV2(_) => Vec::new(),
+            Adapter::WechatPayV3(a) => a.keys().map(|(_, k)| &k.key).collect(),
+        };
+        keys.into_iter()
+            .filter_map(|k| k.certificate.as_ref())
+            .map(|c| (c.serial_hex.clone(), c.not_after))
+            .collect()
+    }
+
     /// Parse, authenticate, check policy and normalize one notification.
     pub fn authenticate(&self, incoming: &Incoming<'_>) -> Outcome<Verified> {
         if incoming.body.is_empty() {
