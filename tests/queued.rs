@@ -486,8 +486,30 @@ async fn no_acknowledged_notification_is_lost_when_the_process_is_killed() {
         })
     });
     let senders: Vec<_> = senders.collect();
-    // Kill and restart at pseudo-random moments while the senders run.
-    for pause in [350u64, 610, 470] {
+    // Kill and restart at random moments while the senders run; the seed is printed so that a
+    // failing run can be repeated with PAYNOTIFY_CRASH_SEED.
+    let seed: u64 = std::env::var("PAYNOTIFY_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .subsec_nanos()
+                .into()
+        });
+    eprintln!("crash test seed: PAYNOTIFY_CRASH_SEED={seed}");
+    let mut state = seed | 1;
+    let pauses: Vec<u64> = (0..3)
+        .map(|_| {
+            // xorshift64: no dependency needed for three numbers.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            200 + state % 500
+        })
+        .collect();
+    for pause in pauses {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let mut child = server.lock().unwrap();
         child.kill().unwrap();
