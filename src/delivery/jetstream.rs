@@ -591,16 +591,11 @@ impl JetStream {
                     let in_range = selector.until_ms.is_none_or(|u| e.received_at_ms < u)
                         && selector.since_ms.is_none_or(|s| e.received_at_ms >= s);
                     if in_range {
-                        let entry = by_id.entry(e.id.clone());
-                        match entry {
-                            std::collections::btree_map::Entry::Occupied(mut o) => {
-                                o.get_mut().1.push(seq);
-                                o.get_mut().0 = e;
-                            }
-                            std::collections::btree_map::Entry::Vacant(v) => {
-                                v.insert((e, vec![seq]));
-                            }
-                        }
+                        // The latest message of an event id stands for it; every
+                        // message's attempts count.
+                        let mut seqs = by_id.remove(&e.id).map(|(_, s)| s).unwrap_or_default();
+                        seqs.push(seq);
+                        by_id.insert(e.id.clone(), (e, seqs));
                     }
                 }
                 if left == 0 {
