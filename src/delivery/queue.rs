@@ -5,7 +5,8 @@
 use super::jetstream::JetStream;
 use super::retry::{self, Verdict};
 use super::store::{
-    Appended, AttemptRecord, EventView, NewEvent, NextState, Selector, Store, StoreError,
+    Appended, AttemptOutcome, AttemptRecord, EventView, NewEvent, NextState, Selector, Store,
+    StoreError,
 };
 use crate::ingress::Ingress;
 use bytes::Bytes;
@@ -161,35 +162,13 @@ async fn attempt(ingress: &Ingress, store: &Store, d: super::store::DueDelivery)
     let record = AttemptRecord {
         seq: d.seq,
         target: d.target.clone(),
-        at_ms: tried.at_ms,
-        status: tried.status,
-        latency: tried.latency,
-        response: tried.response,
-        error: tried.error,
-        next: tried.next,
+        outcome: tried,
     };
     if let Err(e) = store.record(record).await {
         // The claim expires and the delivery is attempted again: at least once.
         ingress.metrics.store_errors.inc();
         tracing::error!(error = %e, event_id = %d.event_id, "cannot record a delivery attempt");
     }
-}
-
-/// The outcome of one delivery attempt, whichever store keeps it.
-#[derive(Debug, Clone)]
-pub struct Tried {
-    /// When the attempt started, unix milliseconds.
-    pub at_ms: i64,
-    /// HTTP status, if any answer came.
-    pub status: Option<u16>,
-    /// How long it took.
-    pub latency: Duration,
-    /// The start of the target's answer.
-    pub response: String,
-    /// Transport error, if any.
-    pub error: Option<String>,
-    /// What happens next.
-    pub next: NextState,
 }
 
 /// Makes attempt number `made + 1` of one delivery and decides what comes next: the
@@ -202,7 +181,7 @@ pub async fn try_once(
     event_id: &str,
     body: Bytes,
     made: u32,
-) -> Tried {
+) -> AttemptOutcome {
     let table = ingress.table();
     let at_ms = now_ms();
     let route = table.by_name(route_name);
@@ -232,7 +211,7 @@ pub async fn try_once(
                     }
                 }
             };
-            Tried {
+            AttemptOutcome {
                 at_ms,
                 status: sent.status,
                 latency: sent.latency,
@@ -243,7 +222,7 @@ pub async fn try_once(
         }
         // The route or target left the configuration: keep the event as a dead letter,
         // replayable once it is back.
-        _ => Tried {
+        _ => AttemptOutcome {
             at_ms,
             status: None,
             latency: Duration::ZERO,

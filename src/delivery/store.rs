@@ -96,13 +96,20 @@ pub enum NextState {
     Dead,
 }
 
-/// One attempt's outcome, to record.
+/// One attempt of a delivery, to record.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
     /// The event's sequence.
     pub seq: i64,
     /// The target label.
     pub target: String,
+    /// What happened.
+    pub outcome: AttemptOutcome,
+}
+
+/// The outcome of one delivery attempt, whichever store keeps it.
+#[derive(Debug, Clone)]
+pub struct AttemptOutcome {
     /// When the attempt started, unix milliseconds.
     pub at_ms: i64,
     /// HTTP status, if any answer came.
@@ -595,10 +602,11 @@ fn due(
     Ok(rows)
 }
 
-fn record(tx: &rusqlite::Transaction<'_>, a: &AttemptRecord) -> Result<(), StoreError> {
+fn record(tx: &rusqlite::Transaction<'_>, r: &AttemptRecord) -> Result<(), StoreError> {
+    let (seq, target, a) = (r.seq, &r.target, &r.outcome);
     let attempts: u32 = tx.query_row(
         "UPDATE deliveries SET attempts = attempts + 1, updated_at = ?3 WHERE event_seq = ?1 AND target = ?2 RETURNING attempts",
-        rusqlite::params![a.seq, a.target, a.at_ms],
+        rusqlite::params![seq, target, a.at_ms],
         |r| r.get(0),
     )?;
     let (state, next) = match a.next {
@@ -608,14 +616,14 @@ fn record(tx: &rusqlite::Transaction<'_>, a: &AttemptRecord) -> Result<(), Store
     };
     tx.execute(
         "UPDATE deliveries SET state = ?3, next_attempt_at = ?4, claimed = 0 WHERE event_seq = ?1 AND target = ?2",
-        rusqlite::params![a.seq, a.target, state, next],
+        rusqlite::params![seq, target, state, next],
     )?;
     tx.execute(
         "INSERT INTO attempts (event_seq, target, attempt, at, status, latency_ms, response, error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         rusqlite::params![
-            a.seq,
-            a.target,
+            seq,
+            target,
             attempts,
             a.at_ms,
             a.status,
@@ -792,12 +800,14 @@ mod tests {
         AttemptRecord {
             seq: d.seq,
             target: d.target.clone(),
-            at_ms: at,
-            status: Some(503),
-            latency: Duration::from_millis(5),
-            response: "busy".into(),
-            error: None,
-            next,
+            outcome: AttemptOutcome {
+                at_ms: at,
+                status: Some(503),
+                latency: Duration::from_millis(5),
+                response: "busy".into(),
+                error: None,
+                next,
+            },
         }
     }
 
