@@ -156,49 +156,78 @@ fn every_alert_fires_and_stays_quiet_in_promtool_unit_tests() {
     }
 }
 
-/// The test catches a wrong rule: with one threshold changed, promtool's unit tests fail.
+/// The tests catch a wrong rule: with one threshold changed, promtool's unit tests fail and
+/// name the alert.
 #[test]
 fn the_unit_tests_fail_when_a_threshold_is_wrong() {
     let original = std::fs::read_to_string(repo().join(RULES)).unwrap();
-    let mutated = original.replacen(") < 0.95", ") < 0.4", 1);
-    assert_ne!(
-        original, mutated,
-        "the success-rate threshold moved: update this test"
-    );
-    let dir = std::env::temp_dir().join(format!("paynotify-alerts-mutant-{}", std::process::id()));
-    let rules_dir = dir.join("charts/paynotify/files");
-    let tests_dir = dir.join("tests/alerts");
-    std::fs::create_dir_all(&rules_dir).unwrap();
-    std::fs::create_dir_all(&tests_dir).unwrap();
-    std::fs::write(rules_dir.join("alerts.yaml"), mutated).unwrap();
-    for file in unit_test_files() {
-        std::fs::copy(&file, tests_dir.join(file.file_name().unwrap())).unwrap();
+    for (i, (from, to, alert)) in [
+        (") < 0.95", ") < 0.4", "PaynotifyNotificationSuccessRateLow"),
+        (
+            "< time() + 30 * 86400",
+            "< time() + 3 * 86400",
+            "PaynotifyPlatformCertificateExpiringSoon",
+        ),
+        (
+            "< time() + 7 * 86400\n",
+            "< time() + 1 * 86400\n",
+            "PaynotifyPlatformCertificateExpiryImminent",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mutated = original.replacen(from, to, 1);
+        assert_ne!(
+            original, mutated,
+            "{from:?} is not in {RULES}: update this test"
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "paynotify-alerts-mutant-{}-{i}",
+            std::process::id()
+        ));
+        let rules_dir = dir.join("charts/paynotify/files");
+        let tests_dir = dir.join("tests/alerts");
+        std::fs::create_dir_all(&rules_dir).unwrap();
+        std::fs::create_dir_all(&tests_dir).unwrap();
+        std::fs::write(rules_dir.join("alerts.yaml"), mutated).unwrap();
+        for file in unit_test_files() {
+            std::fs::copy(&file, tests_dir.join(file.file_name().unwrap())).unwrap();
+        }
+        let out = Command::new(helmtool("PAYNOTIFY_PROMTOOL"))
+            .args(["test", "rules"])
+            .args(
+                std::fs::read_dir(&tests_dir)
+                    .unwrap()
+                    .map(|e| e.unwrap().path()),
+            )
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!out.status.success(), "{from:?} -> {to:?} went unnoticed");
+        assert!(
+            text.contains(alert),
+            "the failure must name {alert}:\n{text}"
+        );
     }
-    let out = Command::new(helmtool("PAYNOTIFY_PROMTOOL"))
-        .args(["test", "rules"])
-        .args(
-            std::fs::read_dir(&tests_dir)
-                .unwrap()
-                .map(|e| e.unwrap().path()),
-        )
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(!out.status.success(), "a wrong threshold went unnoticed");
-    assert!(
-        text.contains("PaynotifyNotificationSuccessRateLow"),
-        "the failure must name the alert:\n{text}"
-    );
+}
+
+/// The runbook section `### <alert>` of docs/operations.md: its text up to the next heading.
+fn runbook_section<'a>(runbooks: &'a str, alert: &str) -> Option<&'a str> {
+    let start = runbooks.find(&format!("\n### {alert}\n"))? + alert.len() + 6;
+    let rest = &runbooks[start..];
+    let end = rest.find("\n#").map_or(rest.len(), |i| i + 1);
+    Some(&rest[..end])
 }
 
 #[test]
 fn every_alert_has_severity_summary_description_and_a_runbook() {
-    let runbooks = std::fs::read_to_string(repo().join("docs/chart.md")).unwrap();
+    let runbooks = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
     let mut names = BTreeSet::new();
     for alert in alerts() {
         let name = alert["alert"].as_str().unwrap();
@@ -217,15 +246,26 @@ fn every_alert_has_severity_summary_description_and_a_runbook() {
                 "{name}: no {key}"
             );
         }
+        // GitHub's anchor of the heading `### <name>`; the chart prefixes the base URL.
         let anchor = name.to_lowercase();
         assert_eq!(
             alert["annotations"]["runbook_url"].as_str().unwrap(),
-            format!("docs/chart.md#{anchor}"),
+            format!("docs/operations.md#{anchor}"),
             "{name}: runbook_url"
         );
+        let section = runbook_section(&runbooks, name).unwrap_or_else(|| {
+            panic!("{name}: docs/operations.md has no runbook section `### {name}`")
+        });
+        // Each runbook says what to check and what to do.
+        for part in ["**Check**", "**Do**"] {
+            assert!(
+                section.contains(part),
+                "{name}: the runbook in docs/operations.md has no {part} part"
+            );
+        }
         assert!(
-            runbooks.contains(&format!("\n### {name}\n")),
-            "{name}: docs/chart.md has no runbook section `### {name}`"
+            section.len() > 300,
+            "{name}: the runbook in docs/operations.md is too short to help"
         );
         // Every alert is scoped to paynotify's own scrape jobs.
         let expr = alert["expr"].as_str().unwrap();
@@ -332,6 +372,7 @@ fn dashboard_is_a_complete_grafana_dashboard() {
         "Oldest waiting event (Queued)",
         "Routing table generation: published vs served",
         "Reconciles and errors",
+        "Platform certificates: days to expiry",
     ] {
         assert!(titles.contains(&wanted), "no panel {wanted:?}");
     }

@@ -198,6 +198,250 @@ fn arg<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
         .find_map(|a| a.strip_prefix(&format!("{flag}=")))
 }
 
+// ------------------------------------------------------------------------------- README
+
+/// Splits a shell command line into words: whitespace separates, '…' and "…" quote.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    for c in line.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => word.push(c),
+            None if c == '\'' || c == '"' => {
+                quote = Some(c);
+                in_word = true;
+            }
+            None if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            None => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    assert!(quote.is_none(), "unbalanced quote in {line:?}");
+    if in_word {
+        words.push(word);
+    }
+    words
+}
+
+/// The README's "Install with Helm" section.
+fn quickstart_section() -> String {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme
+        .find("\n## Install with Helm\n")
+        .expect("the README has an \"Install with Helm\" section");
+    let rest = &readme[start + 1..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |i| i + 3);
+    rest[..end].to_string()
+}
+
+/// The shell commands of the quickstart, in order: continuation lines joined, comments and a
+/// trailing `&` dropped, each split into words.
+fn quickstart_commands() -> Vec<Vec<String>> {
+    let section = quickstart_section();
+    let mut commands = Vec::new();
+    let mut in_sh = false;
+    let mut pending = String::new();
+    for line in section.lines() {
+        if line.starts_with("```") {
+            in_sh = line == "```sh";
+            continue;
+        }
+        if !in_sh || line.trim_start().starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let line = line.trim_end();
+        if let Some(head) = line.strip_suffix('\\') {
+            pending.push_str(head);
+            pending.push(' ');
+            continue;
+        }
+        pending.push_str(line);
+        let command = std::mem::take(&mut pending);
+        let command = command.trim().trim_end_matches('&').trim_end();
+        commands.push(shell_words(command));
+    }
+    commands
+}
+
+/// The value after `flag` in a command's words.
+fn flag_value<'a>(words: &'a [String], flag: &str) -> Option<&'a str> {
+    words
+        .iter()
+        .position(|w| w == flag)
+        .and_then(|i| words.get(i + 1))
+        .map(String::as_str)
+}
+
+/// What the quickstart does, as the tests replay it.
+#[derive(Debug)]
+struct Quickstart {
+    /// `docker build -t IMAGE .`
+    image: String,
+    release: String,
+    namespace: String,
+    /// The `--set` values of `helm install`.
+    sets: Vec<String>,
+    /// The files of `kubectl apply -f`, in order.
+    applied: Vec<PathBuf>,
+    /// `kubectl -n NS patch pnr NAME --type merge -p JSON`.
+    patched: (String, String, Value),
+    /// `kubectl -n NS port-forward svc/NAME LOCAL:REMOTE`.
+    forwarded: (String, String, u16, u16),
+    /// `curl … -H 'content-type: …' --data-binary @FILE http://127.0.0.1:LOCAL/PATH`.
+    posted: (String, PathBuf, u16, String),
+    /// `kubectl -n NS logs deploy/NAME | grep 'TEXT'`.
+    logs: (String, String, String),
+    /// The callback URL the README shows for the patched route.
+    callback_url: String,
+    /// The start of the log line the README shows, up to `event=`.
+    logged: String,
+}
+
+fn quickstart() -> Quickstart {
+    let commands = quickstart_commands();
+    let find = |pred: &dyn Fn(&[String]) -> bool, what: &str| -> Vec<String> {
+        commands
+            .iter()
+            .find(|c| pred(c))
+            .unwrap_or_else(|| panic!("the quickstart has no {what} command: {commands:?}"))
+            .clone()
+    };
+    let docker = find(
+        &|c| c.starts_with(&["docker".into(), "build".into()]),
+        "docker build",
+    );
+    let helm_install = find(
+        &|c| c.starts_with(&["helm".into(), "install".into()]),
+        "helm install",
+    );
+    assert_eq!(
+        helm_install[3], CHART,
+        "helm install installs the chart of this repository"
+    );
+    let namespace = flag_value(&helm_install, "-n")
+        .or_else(|| flag_value(&helm_install, "--namespace"))
+        .expect("helm install names its namespace")
+        .to_string();
+    let sets = helm_install
+        .windows(2)
+        .filter(|w| w[0] == "--set")
+        .map(|w| w[1].clone())
+        .collect();
+    let applied = commands
+        .iter()
+        .filter(|c| c.starts_with(&["kubectl".into(), "apply".into()]))
+        .flat_map(|c| {
+            c.windows(2)
+                .filter(|w| w[0] == "-f")
+                .map(|w| repo().join(&w[1]))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let patch = find(&|c| c.contains(&"patch".to_string()), "kubectl patch");
+    let pnr = patch.iter().position(|w| w == "patch").unwrap();
+    assert_eq!(patch[pnr + 1], "pnr");
+    assert_eq!(flag_value(&patch, "--type"), Some("merge"));
+    let patched = (
+        flag_value(&patch, "-n").unwrap().to_string(),
+        patch[pnr + 2].clone(),
+        serde_json::from_str(flag_value(&patch, "-p").unwrap()).expect("the patch is JSON"),
+    );
+    let forward = find(
+        &|c| c.contains(&"port-forward".to_string()),
+        "kubectl port-forward",
+    );
+    let at = forward.iter().position(|w| w == "port-forward").unwrap();
+    let svc = forward[at + 1]
+        .strip_prefix("svc/")
+        .expect("svc/NAME")
+        .to_string();
+    let (local, remote) = forward[at + 2].split_once(':').unwrap();
+    let forwarded = (
+        flag_value(&forward, "-n").unwrap().to_string(),
+        svc,
+        local.parse().unwrap(),
+        remote.parse().unwrap(),
+    );
+    let curl = find(&|c| c.first().is_some_and(|w| w == "curl"), "curl");
+    let content_type = flag_value(&curl, "-H")
+        .and_then(|h| h.strip_prefix("content-type: "))
+        .expect("curl sets the content type")
+        .to_string();
+    let file = flag_value(&curl, "--data-binary")
+        .and_then(|f| f.strip_prefix('@'))
+        .expect("curl posts a file");
+    let url = curl.last().unwrap();
+    let (port, path) = url
+        .strip_prefix("http://127.0.0.1:")
+        .and_then(|r| r.split_once('/'))
+        .expect("curl posts to the forwarded port");
+    let posted = (
+        content_type,
+        repo().join(file),
+        port.parse().unwrap(),
+        format!("/{path}"),
+    );
+    let logs = find(&|c| c.contains(&"logs".to_string()), "kubectl logs");
+    let at = logs.iter().position(|w| w == "logs").unwrap();
+    let grep = logs.iter().position(|w| w == "grep").expect("logs | grep");
+    let logs = (
+        flag_value(&logs, "-n").unwrap().to_string(),
+        logs[at + 1]
+            .strip_prefix("deploy/")
+            .expect("deploy/NAME")
+            .to_string(),
+        logs[grep + 1].clone(),
+    );
+    // The line after the `…callbackUrl…` command shows the URL.
+    let section = quickstart_section();
+    let callback_url = section
+        .lines()
+        .skip_while(|l| !l.contains(".status.callbackUrl"))
+        .nth(1)
+        .and_then(|l| {
+            l.trim_start_matches(['#', ' ', '→'])
+                .split_whitespace()
+                .next()
+        })
+        .expect("the quickstart shows the callback URL")
+        .to_string();
+    let logged = section
+        .lines()
+        .skip_while(|l| !l.contains(" logs deploy/"))
+        .nth(1)
+        .and_then(|l| l.split_once("… "))
+        .and_then(|(_, l)| {
+            l.split_once("event=")
+                .map(|(head, _)| format!("{head}event="))
+        })
+        .expect("the quickstart shows the log line");
+    Quickstart {
+        logged,
+        image: flag_value(&docker, "-t")
+            .expect("docker build -t")
+            .to_string(),
+        release: helm_install[2].clone(),
+        namespace,
+        sets,
+        applied,
+        patched,
+        forwarded,
+        posted,
+        logs,
+        callback_url,
+    }
+}
+
 // ------------------------------------------------------------------------------- render
 
 #[test]
@@ -503,6 +747,15 @@ fn values_that_cannot_work_are_refused() {
             &["exposure.httpRoute.enabled=true"][..],
             "exposure.httpRoute.parentRefs",
         ),
+        // A misspelt hardening field is refused, not silently dropped.
+        (
+            &["securityContext.readOnlyRootFilesytem=true"][..],
+            "additional properties 'readOnlyRootFilesytem' not allowed",
+        ),
+        (
+            &["podSecurityContext.runAsNonRot=true"][..],
+            "additional properties 'runAsNonRot' not allowed",
+        ),
     ] {
         let err = template("pn", "payments", sets)
             .map(|_| ())
@@ -512,6 +765,124 @@ fn values_that_cannot_work_are_refused() {
             "{sets:?}: expected {expected:?} in\n{err}"
         );
     }
+}
+
+/// Where values.yaml documents a key: the comment lines right above it, or its line's own
+/// `# …`. Keys inside lists are examples, not values of their own.
+fn undocumented_values(text: &str) -> Vec<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut problems = Vec::new();
+    let mut list_indent: Option<usize> = None;
+    for (i, line) in lines.iter().enumerate() {
+        let body = line.trim_start();
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - body.len();
+        if let Some(at) = list_indent {
+            if indent > at || (indent == at && body.starts_with("- ")) {
+                continue;
+            }
+            list_indent = None;
+        }
+        if body.starts_with("- ") {
+            list_indent = Some(indent);
+            continue;
+        }
+        let Some((key, _)) = body.split_once(':') else {
+            continue;
+        };
+        if key.is_empty()
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        {
+            continue;
+        }
+        let inline = line.contains(" # ");
+        let above = i > 0 && lines[i - 1].trim_start().starts_with('#');
+        if !inline && !above {
+            problems.push(format!("line {}: {}", i + 1, line.trim_end()));
+        }
+    }
+    problems
+}
+
+/// The keys of the schema's objects that values.yaml does not show (and so does not document).
+fn schema_keys_missing(schema: &Value, values: &Value, at: &str, out: &mut Vec<String>) {
+    let Some(properties) = schema["properties"].as_object() else {
+        return;
+    };
+    for (key, sub) in properties {
+        let path = format!("{at}{key}");
+        match values.get(key) {
+            None => out.push(path),
+            Some(v) if v.is_object() => schema_keys_missing(sub, v, &format!("{path}."), out),
+            Some(_) => {}
+        }
+    }
+}
+
+/// values.yaml describes every key (a comment above it or on its line), and shows every key
+/// the schema accepts; the schema refuses keys it does not list (helm lint with the
+/// defaults checks that values.yaml has no key the schema lacks).
+#[test]
+fn every_value_is_documented_and_in_the_schema() {
+    let text = std::fs::read_to_string(repo().join("charts/paynotify/values.yaml")).unwrap();
+    let problems = undocumented_values(&text);
+    assert!(
+        problems.is_empty(),
+        "values.yaml keys without a comment:\n{}",
+        problems.join("\n")
+    );
+    // The check sees a key without a comment.
+    assert_eq!(
+        undocumented_values(
+            "# a\na: 1\nb:\n  # c\n  c: 2\n  d: 3 # d\nl:\n  - x: 1\n    y: 2\ne: 4\n"
+        ),
+        ["line 3: b:", "line 7: l:", "line 10: e: 4"]
+    );
+
+    let values: Value = serde_yaml::from_str(&text).unwrap();
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("charts/paynotify/values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let mut missing = Vec::new();
+    schema_keys_missing(&schema, &values, "", &mut missing);
+    // Helm's own global values, and Kubernetes fields the schema accepts for a
+    // pass-through object that the defaults leave unset.
+    missing.retain(|k| {
+        k != "global"
+            && !k.starts_with("podSecurityContext.")
+            && !k.starts_with("securityContext.")
+            && !k.ends_with("resources.claims")
+    });
+    assert!(
+        missing.is_empty(),
+        "the schema accepts keys values.yaml does not show: {missing:?}"
+    );
+    // Every object of the schema refuses what it does not list, but the free-form maps
+    // (labels, annotations) and Kubernetes objects passed through as they are.
+    fn open_objects(schema: &Value, at: &str, out: &mut Vec<String>) {
+        if schema["type"] == "object"
+            && schema.get("additionalProperties").is_none()
+            && schema.get("properties").is_some()
+        {
+            out.push(at.to_string());
+        }
+        if let Some(properties) = schema["properties"].as_object() {
+            for (key, sub) in properties {
+                open_objects(sub, &format!("{at}.{key}"), out);
+            }
+        }
+    }
+    let mut open = Vec::new();
+    open_objects(&schema, "", &mut open);
+    assert!(
+        open.is_empty(),
+        "objects that accept unknown keys: {open:?}"
+    );
 }
 
 /// The RBAC rules of the rendered objects, by (kind, name, namespace).
@@ -654,6 +1025,53 @@ fn rbac_is_least_privilege() {
     }
 }
 
+/// Every RBAC rule the chart renders carries a comment that says why it is needed (the
+/// comment lines right above the rule, as `helm template` prints them).
+#[test]
+fn every_rbac_rule_is_commented() {
+    for sets in [&[][..], &["controller.watchNamespaces={shop,billing}"][..]] {
+        let mut args = vec!["template", "pn", CHART, "--namespace", "payments"];
+        args.extend(set_args(sets));
+        let text = helm(&args).unwrap_or_else(|e| panic!("{e}"));
+        let mut rules = 0;
+        for doc in text.split("\n---") {
+            let kind = doc
+                .lines()
+                .find_map(|l| l.strip_prefix("kind: "))
+                .unwrap_or_default();
+            if kind != "Role" && kind != "ClusterRole" {
+                continue;
+            }
+            let lines: Vec<&str> = doc.lines().collect();
+            let start = lines
+                .iter()
+                .position(|l| *l == "rules:")
+                .unwrap_or_else(|| panic!("{kind} without rules:\n{doc}"));
+            for (i, line) in lines.iter().enumerate().skip(start + 1) {
+                if !line.trim_start().starts_with("- apiGroups:") {
+                    continue;
+                }
+                rules += 1;
+                let above = lines[start + 1..i]
+                    .iter()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .map_or("", |l| l.trim());
+                assert!(
+                    above.starts_with('#') && above.len() > 20,
+                    "{sets:?}: a {kind} rule without a comment saying why:\n{}\nin\n{doc}",
+                    line
+                );
+            }
+        }
+        // Controller: routes, status, Secrets, Events (cluster-wide, or in each of the two
+        // namespaces), the table Secret, the Lease create and the Lease; ingress: the table
+        // Secret.
+        let expected = 4 * sets.first().map_or(1, |_| 2) + 3 + 1;
+        assert_eq!(rules, expected, "{sets:?}: rules seen");
+    }
+}
+
 #[test]
 fn monitoring_uses_the_shipped_rules_and_dashboard() {
     let objs = render("pn", "payments", EVERYTHING);
@@ -751,6 +1169,66 @@ fn monitoring_uses_the_shipped_rules_and_dashboard() {
     }
 }
 
+/// The README's quickstart names what the chart renders: its image, Services, ports and
+/// Deployments, files that exist, and values the schema accepts. (The steps themselves run
+/// against the real binaries in
+/// `the_charts_rbac_and_arguments_run_the_real_binaries_and_nothing_more`.)
+#[test]
+fn the_readme_quickstart_matches_the_chart() {
+    let q = quickstart();
+    let sets: Vec<&str> = q.sets.iter().map(String::as_str).collect();
+    let objs = render(&q.release, &q.namespace, &sets);
+    for deployment in all(&objs, "Deployment") {
+        assert_eq!(
+            container(deployment)["image"],
+            q.image.as_str(),
+            "the quickstart builds and loads the image the chart runs"
+        );
+    }
+    let (ns, svc, local, remote) = &q.forwarded;
+    assert_eq!(ns, &q.namespace);
+    let service = find(&objs, "Service", svc);
+    let port = &service["spec"]["ports"][0];
+    assert_eq!(port["port"], *remote, "port-forward svc/{svc}");
+    assert_eq!(
+        port["targetPort"], "http",
+        "svc/{svc} is the callback Service"
+    );
+    let (_, file, port, path) = &q.posted;
+    assert_eq!(port, local, "curl posts to the forwarded port");
+    assert!(file.is_file(), "{}", file.display());
+    assert!(path.starts_with("/notify/"), "{path}");
+    let (ns, deploy, _) = &q.logs;
+    assert_eq!(ns, &q.namespace);
+    assert_eq!(
+        find(&objs, "Deployment", deploy)["metadata"]["labels"]["app.kubernetes.io/component"],
+        "ingress",
+        "the log target prints in the ingress's log"
+    );
+    assert!(q.applied.len() >= 2, "{:?}", q.applied);
+    for file in &q.applied {
+        assert!(file.is_file(), "{}", file.display());
+    }
+    // The patched route is one of the applied ones, on the posted path.
+    let (ns, name, _) = &q.patched;
+    let route = q
+        .applied
+        .iter()
+        .flat_map(|f| parse_documents(&std::fs::read_to_string(f).unwrap()))
+        .find(|o| {
+            o["kind"] == "PaymentNotifyRoute"
+                && o["metadata"]["name"] == name.as_str()
+                && o["metadata"]["namespace"] == ns.as_str()
+        })
+        .unwrap_or_else(|| panic!("no route {ns}/{name} in {:?}", q.applied));
+    assert_eq!(route["spec"]["path"], path.as_str());
+    let base = sets
+        .iter()
+        .find_map(|s| s.strip_prefix("controller.publicBaseUrl="))
+        .expect("the quickstart sets controller.publicBaseUrl");
+    assert_eq!(q.callback_url, format!("{base}{path}"));
+}
+
 /// Every flag a Deployment passes is one `paynotify <role> --help` lists (so a renamed flag
 /// fails here, not in CrashLoopBackOff).
 #[test]
@@ -795,6 +1273,495 @@ fn every_rendered_flag_is_accepted_by_the_binary() {
     ] {
         assert!(seen.contains(flag), "{flag} never rendered");
     }
+}
+
+// ------------------------------------------------------------------------------- image
+
+/// One Dockerfile instruction: its keyword (upper case) and its arguments, continuation
+/// lines joined, comments and the parser directive dropped.
+fn dockerfile_instructions(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut pending = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if pending.is_empty() && (trimmed.is_empty() || trimmed.starts_with('#')) {
+            continue;
+        }
+        if let Some(head) = trimmed.strip_suffix('\\') {
+            pending.push_str(head);
+            pending.push(' ');
+            continue;
+        }
+        pending.push_str(trimmed);
+        let instruction = std::mem::take(&mut pending);
+        let (keyword, args) = instruction
+            .split_once(char::is_whitespace)
+            .unwrap_or((&instruction, ""));
+        out.push((keyword.to_uppercase(), args.trim().to_string()));
+    }
+    out
+}
+
+/// What the image must be for the chart and for Cargo: the facts it is checked against.
+struct ImageContract {
+    /// Cargo's one binary target of the root package.
+    binary: String,
+    /// The chart's podSecurityContext.runAsUser and runAsGroup.
+    uid: u64,
+    gid: u64,
+    /// The chart's default callback and admin ports.
+    ports: BTreeSet<u64>,
+    /// `major.minor` of the Rust toolchain the tests are built with.
+    rust: String,
+}
+
+/// Everything wrong with a Dockerfile for `contract` (empty: nothing).
+fn dockerfile_problems(text: &str, contract: &ImageContract) -> Vec<String> {
+    let mut problems = Vec::new();
+    let instructions = dockerfile_instructions(text);
+    // Stages: (FROM arguments, instructions).
+    let mut stages: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    for (keyword, args) in instructions {
+        if keyword == "FROM" {
+            stages.push((args, Vec::new()));
+        } else if let Some(stage) = stages.last_mut() {
+            stage.1.push((keyword, args));
+        } else {
+            problems.push(format!("{keyword} before the first FROM"));
+        }
+    }
+    if stages.len() < 2 {
+        problems.push(format!(
+            "not multi-stage: {} FROM instruction(s)",
+            stages.len()
+        ));
+        return problems;
+    }
+    let bin = &contract.binary;
+
+    // The build stage: the tests' Rust, a locked release build of the one binary.
+    let (build_from, build) = &stages[stages.len() - 2];
+    let words: Vec<&str> = build_from.split_whitespace().collect();
+    let build_name = match words.as_slice() {
+        [_, as_, name] if as_.eq_ignore_ascii_case("as") => name.to_string(),
+        _ => {
+            problems.push(format!("the build stage has no name: FROM {build_from}"));
+            String::new()
+        }
+    };
+    if !words[0].starts_with(&format!("rust:{}", contract.rust)) {
+        problems.push(format!(
+            "the build stage is {}, not Rust {} (the toolchain the tests use)",
+            words[0], contract.rust
+        ));
+    }
+    let cargo = build
+        .iter()
+        .filter(|(k, _)| k == "RUN")
+        .find(|(_, a)| a.contains("cargo build"));
+    match cargo {
+        None => problems.push("the build stage runs no `cargo build`".into()),
+        Some((_, run)) => {
+            let command: Vec<&str> = run
+                .split("cargo build")
+                .nth(1)
+                .unwrap()
+                .split("&&")
+                .next()
+                .unwrap()
+                .split_whitespace()
+                .collect();
+            for flag in ["--release", "--locked"] {
+                if !command.contains(&flag) {
+                    problems.push(format!("`cargo build` without {flag}"));
+                }
+            }
+            let built = command.windows(2).find(|w| w[0] == "--bin").map(|w| w[1]);
+            if built != Some(bin.as_str()) {
+                problems.push(format!(
+                    "`cargo build` builds --bin {built:?}, Cargo's binary is {bin}"
+                ));
+            }
+            if !run.contains(&format!("target/release/{bin}")) {
+                problems.push(format!(
+                    "target/release/{bin} is not taken out of the build"
+                ));
+            }
+        }
+    }
+
+    // The final stage: no shell, the one binary, non-root as the chart runs it.
+    let (final_from, last) = &stages[stages.len() - 1];
+    let base = final_from.split_whitespace().next().unwrap();
+    let shellless = base == "scratch"
+        || ((base.starts_with("gcr.io/distroless/")
+            || base.starts_with("cgr.dev/chainguard/static"))
+            && !base.contains("debug")
+            && !base.contains("-dev"));
+    if !shellless {
+        problems.push(format!(
+            "the final base {base} may have a shell: use distroless (not :debug) or scratch"
+        ));
+    }
+    for (keyword, args) in last {
+        match keyword.as_str() {
+            "RUN" | "SHELL" => problems.push(format!(
+                "{keyword} {args} in the final stage: it has no shell to run it"
+            )),
+            "ADD" => problems.push(format!("ADD {args} in the final stage: COPY the binary")),
+            _ => {}
+        }
+    }
+    let copies: Vec<&String> = last
+        .iter()
+        .filter(|(k, _)| k == "COPY")
+        .map(|(_, a)| a)
+        .collect();
+    let entrypoint = format!("/{bin}");
+    match copies.as_slice() {
+        [copy] => {
+            let words: Vec<&str> = copy.split_whitespace().collect();
+            if !words.contains(&format!("--from={build_name}").as_str()) {
+                problems.push(format!(
+                    "the final COPY is not from the build stage: {copy}"
+                ));
+            }
+            let paths: Vec<&&str> = words.iter().filter(|w| !w.starts_with("--")).collect();
+            match paths.as_slice() {
+                [src, dest] if src.ends_with(&format!("/{bin}")) && **dest == entrypoint => {}
+                _ => problems.push(format!(
+                    "the final COPY must copy the one {bin} binary to {entrypoint}: {copy}"
+                )),
+            }
+        }
+        _ => problems.push(format!(
+            "the final stage copies {} things, not just the binary",
+            copies.len()
+        )),
+    }
+    let last_of = |keyword: &str| {
+        last.iter()
+            .rev()
+            .find(|(k, _)| k == keyword)
+            .map(|(_, a)| a.clone())
+    };
+    match last_of("USER") {
+        None => problems.push("the final stage has no USER: it would run as root".into()),
+        Some(user) => {
+            let (uid, gid) = user.split_once(':').unwrap_or((&user, ""));
+            if uid.parse::<u64>().ok() != Some(contract.uid) || contract.uid == 0 {
+                problems.push(format!(
+                    "USER {user}: the chart runs as UID {} (podSecurityContext.runAsUser), and \
+                     runAsNonRoot needs a numeric non-zero UID",
+                    contract.uid
+                ));
+            }
+            if gid.parse::<u64>().ok() != Some(contract.gid) {
+                problems.push(format!(
+                    "USER {user}: the chart runs as GID {} (podSecurityContext.runAsGroup)",
+                    contract.gid
+                ));
+            }
+        }
+    }
+    let exec_form: Option<Vec<String>> =
+        last_of("ENTRYPOINT").and_then(|e| serde_json::from_str(&e).ok());
+    if exec_form != Some(vec![entrypoint.clone()]) {
+        problems.push(format!(
+            "ENTRYPOINT must be [\"{entrypoint}\"] in exec form (the chart passes only args): \
+             {:?}",
+            last_of("ENTRYPOINT")
+        ));
+    }
+    if let Some(cmd) = last_of("CMD") {
+        problems.push(format!(
+            "CMD {cmd}: the chart's args replace it; leave it out"
+        ));
+    }
+    let exposed: BTreeSet<u64> = last_of("EXPOSE")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.trim_end_matches("/tcp").parse().ok())
+        .collect();
+    if exposed != contract.ports {
+        problems.push(format!(
+            "EXPOSE {exposed:?}: the chart's ports are {:?}",
+            contract.ports
+        ));
+    }
+    problems
+}
+
+/// `cargo metadata --no-deps` of the workspace in `dir`: its manifests only, no registry.
+/// (Targets whose source file is missing are left out, not reported.)
+fn cargo_metadata(dir: &Path) -> Result<Value, String> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args([
+            "metadata",
+            "--no-deps",
+            "--format-version",
+            "1",
+            "--offline",
+        ])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// The source files of the lib, bin and bench targets of a workspace, relative to `dir`:
+/// what Cargo needs to build (it refuses to when a declared target's file is missing).
+fn build_target_sources(metadata: &Value, dir: &Path) -> BTreeSet<PathBuf> {
+    let dir = dir.canonicalize().unwrap();
+    metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .filter(|t| {
+            strings(&t["kind"])
+                .iter()
+                .any(|k| ["lib", "bin", "bench"].contains(k))
+        })
+        .map(|t| {
+            Path::new(t["src_path"].as_str().unwrap())
+                .strip_prefix(&dir)
+                .unwrap()
+                .to_path_buf()
+        })
+        .collect()
+}
+
+/// The contract as the chart (default values), Cargo and the toolchain state it.
+fn image_contract() -> ImageContract {
+    let objs = render("pn", "payments", &[]);
+    let mut ids = BTreeSet::new();
+    let mut ports = BTreeSet::new();
+    for deployment in all(&objs, "Deployment") {
+        let pod = &deployment["spec"]["template"]["spec"];
+        ids.insert((
+            pod["securityContext"]["runAsUser"].as_u64().unwrap(),
+            pod["securityContext"]["runAsGroup"].as_u64().unwrap(),
+        ));
+        let c = container(deployment);
+        assert!(
+            c.get("command").is_none(),
+            "{}: the chart relies on the image's ENTRYPOINT",
+            deployment["metadata"]["name"]
+        );
+        for p in c["ports"].as_array().unwrap() {
+            ports.insert(p["containerPort"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(ids.len(), 1, "both roles run as one user: {ids:?}");
+    let (uid, gid) = ids.into_iter().next().unwrap();
+
+    // Cargo's binary targets of the root package.
+    let metadata = cargo_metadata(repo()).unwrap_or_else(|e| panic!("{e}"));
+    let root = metadata["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["manifest_path"].as_str() == repo().join("Cargo.toml").to_str())
+        .expect("the root package");
+    let bins: Vec<&str> = root["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| strings(&t["kind"]).contains(&"bin"))
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(bins.len(), 1, "the image holds the single binary: {bins:?}");
+    // The binary these tests run is that one.
+    assert_eq!(
+        Path::new(env!("CARGO_BIN_EXE_paynotify"))
+            .file_name()
+            .unwrap(),
+        bins[0]
+    );
+
+    let rustc = Command::new("rustc").arg("--version").output().unwrap();
+    let version = String::from_utf8_lossy(&rustc.stdout).into_owned();
+    let rust = version
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.rsplit_once('.'))
+        .map(|(major_minor, _)| major_minor.to_string())
+        .unwrap_or_else(|| panic!("rustc --version: {version}"));
+    ImageContract {
+        binary: bins[0].to_string(),
+        uid,
+        gid,
+        ports,
+        rust,
+    }
+}
+
+/// The Dockerfile cannot be built here (no Docker engine on CI), so what the chart and Cargo
+/// need from the image is checked statically: a multi-stage build of Cargo's one binary with
+/// the tests' Rust, `--release --locked`; a final stage without a shell holding only that
+/// binary, as the chart's numeric non-root user, with the binary as ENTRYPOINT (the chart
+/// passes only args) and the chart's ports. The build context that .dockerignore lets through
+/// must hold every file the COPY lines name, and be a workspace Cargo can load.
+#[test]
+fn the_dockerfile_builds_the_image_the_chart_runs() {
+    let contract = image_contract();
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let problems = dockerfile_problems(&dockerfile, &contract);
+    assert!(problems.is_empty(), "Dockerfile:\n{}", problems.join("\n"));
+
+    // Each check can fail: a broken variant is reported.
+    for (from, to, expected) in [
+        ("USER 65532:65532", "USER nonroot", "numeric non-zero UID"),
+        ("USER 65532:65532", "USER 0:0", "runAsUser"),
+        ("USER 65532:65532\n", "", "no USER"),
+        (
+            "gcr.io/distroless/cc-debian12:nonroot",
+            "debian:bookworm-slim",
+            "may have a shell",
+        ),
+        (
+            "gcr.io/distroless/cc-debian12:nonroot",
+            "gcr.io/distroless/cc-debian12:debug-nonroot",
+            "may have a shell",
+        ),
+        (
+            "ENTRYPOINT [\"/paynotify\"]",
+            "ENTRYPOINT /paynotify",
+            "exec form",
+        ),
+        (
+            "ENTRYPOINT [\"/paynotify\"]",
+            "ENTRYPOINT [\"/paynotify\", \"ingress\"]",
+            "exec form",
+        ),
+        (
+            "ENTRYPOINT [\"/paynotify\"]",
+            "ENTRYPOINT [\"/paynotify\"]\nCMD [\"serve\"]",
+            "CMD",
+        ),
+        ("--bin paynotify", "--bin paynotify-bench", "builds --bin"),
+        ("--release --locked", "--release", "without --locked"),
+        ("rust:1.", "rust:0.", "not Rust"),
+        (
+            "COPY --from=build /out/paynotify /paynotify",
+            "COPY --from=build /out/paynotify /paynotify\nCOPY --from=build /bin/sh /bin/sh",
+            "copies 2 things",
+        ),
+        (
+            "EXPOSE 8080 9090",
+            "RUN chmod 0555 /paynotify\nEXPOSE 8080 9090",
+            "no shell to run it",
+        ),
+        ("EXPOSE 8080 9090", "EXPOSE 8080", "chart's ports"),
+    ] {
+        let broken = dockerfile.replacen(from, to, 1);
+        assert_ne!(
+            broken, dockerfile,
+            "{from:?} is not in the Dockerfile: update this test"
+        );
+        let problems = dockerfile_problems(&broken, &contract);
+        assert!(
+            problems.iter().any(|p| p.contains(expected)),
+            "{from:?} -> {to:?} was not caught (expected {expected:?}): {problems:?}"
+        );
+    }
+
+    // The build context: .dockerignore is an allow-list (`*`, then `!path` lines).
+    let ignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    let patterns: Vec<&str> = ignore
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    assert_eq!(
+        patterns.first(),
+        Some(&"*"),
+        ".dockerignore starts by excluding everything"
+    );
+    let allowed: Vec<&str> = patterns[1..]
+        .iter()
+        .map(|p| {
+            let path = p.strip_prefix('!').unwrap_or_else(|| {
+                panic!(".dockerignore: {p}: only `!path` lines after `*` (or extend this test)")
+            });
+            assert!(
+                !path.contains(['*', '?', '[']) && !path.starts_with('/'),
+                ".dockerignore: {p}: plain relative paths only (or extend this test)"
+            );
+            path.trim_end_matches('/')
+        })
+        .collect();
+    for kept_out in ["target", ".git", "tests", "examples/keys", "charts"] {
+        assert!(
+            !allowed
+                .iter()
+                .any(|a| kept_out == *a || kept_out.starts_with(&format!("{a}/"))),
+            "{kept_out} must stay out of the build context"
+        );
+    }
+    // Copy what the build stage's COPY lines take from the context into a directory, as
+    // Docker would, and let Cargo load the workspace there.
+    let context = temp_dir("docker-context");
+    let in_context = |path: &str| {
+        allowed
+            .iter()
+            .any(|a| path == *a || path.starts_with(&format!("{a}/")))
+    };
+    let mut copied = 0;
+    for (keyword, args) in dockerfile_instructions(&dockerfile) {
+        if keyword != "COPY" || args.starts_with("--from") {
+            continue;
+        }
+        let words: Vec<&str> = args.split_whitespace().collect();
+        let (dest, sources) = words.split_last().unwrap();
+        for source in sources {
+            let source = source.trim_start_matches("./").trim_end_matches('/');
+            assert!(
+                in_context(source),
+                "COPY {source}: .dockerignore keeps it out of the build context"
+            );
+            let from = repo().join(source);
+            assert!(from.exists(), "COPY {source}: no such file");
+            let to = if dest.ends_with('/') && sources.len() > 1 || *dest == "./" {
+                context.join(Path::new(source).file_name().unwrap())
+            } else {
+                context.join(dest.trim_start_matches("./"))
+            };
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            let status = Command::new("cp")
+                .args(["-r"])
+                .arg(&from)
+                .arg(&to)
+                .status()
+                .unwrap();
+            assert!(status.success());
+            copied += 1;
+        }
+    }
+    assert!(copied >= 3, "only {copied} COPY sources");
+    cargo_metadata(&context).unwrap_or_else(|e| {
+        panic!("Cargo cannot load the workspace from the image's build context:\n{e}")
+    });
+    // Every lib, bin and bench target of the workspace has its source in the context
+    // (cargo metadata leaves a missing one out silently; cargo build refuses to start).
+    let needed = build_target_sources(&cargo_metadata(repo()).unwrap(), repo());
+    assert!(needed.contains(Path::new("src/main.rs")), "{needed:?}");
+    for source in &needed {
+        assert!(
+            context.join(source).is_file(),
+            "{} is not in the image's build context (a COPY line or .dockerignore)",
+            source.display()
+        );
+    }
+    assert!(
+        context.join("Cargo.lock").is_file(),
+        "--locked needs Cargo.lock"
+    );
+    let _ = std::fs::remove_dir_all(&context);
 }
 
 // ------------------------------------------------------------------------------- apiserver
@@ -964,6 +1931,45 @@ async fn everything_the_chart_renders_passes_a_server_side_dry_run() {
         apply(&client, &ns, &bad_rule, true).await.is_err(),
         "the PrometheusRule schema is enforced"
     );
+}
+
+/// The schema's security contexts list exactly the fields of the apiserver's PodSecurityContext
+/// and SecurityContext: no valid field refused, no misspelt one let through.
+#[tokio::test]
+async fn the_security_context_values_are_the_apiservers_fields() {
+    let client = admin().await;
+    let request = http::Request::get("/openapi/v3/api/v1")
+        .body(Vec::new())
+        .unwrap();
+    let openapi: Value = client.request(request).await.unwrap();
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("charts/paynotify/values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    for (value, kind) in [
+        (
+            "podSecurityContext",
+            "io.k8s.api.core.v1.PodSecurityContext",
+        ),
+        ("securityContext", "io.k8s.api.core.v1.SecurityContext"),
+        (
+            "securityContext.capabilities",
+            "io.k8s.api.core.v1.Capabilities",
+        ),
+    ] {
+        let mut node = &schema;
+        for part in value.split('.') {
+            node = &node["properties"][part];
+        }
+        assert_eq!(node["additionalProperties"], false, "{value}");
+        let ours: BTreeSet<&String> = node["properties"].as_object().unwrap().keys().collect();
+        let theirs: BTreeSet<&String> = openapi["components"]["schemas"][kind]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no {kind} in the apiserver's OpenAPI"))
+            .keys()
+            .collect();
+        assert_eq!(ours, theirs, "{value} vs {kind}");
+    }
 }
 
 #[tokio::test]
@@ -1475,8 +2481,24 @@ async fn the_charts_rbac_and_arguments_run_the_real_binaries_and_nothing_more() 
     let ns = control_plane::unique_namespace("chart-run").await;
     let shop = control_plane::unique_namespace("chart-run-shop").await;
     let dir = temp_dir("run");
-    let objs = install_release(&client, "run", &ns, &["ingress.adminReplay=true"]).await;
+    // The README quickstart's values, and replay on the admin port.
+    let quick = quickstart();
+    let mut sets: Vec<&str> = quick.sets.iter().map(String::as_str).collect();
+    sets.push("ingress.adminReplay=true");
+    let objs = install_release(&client, "run", &ns, &sets).await;
     let running = start_release(&objs, "run", &ns, &dir);
+
+    // Before this test has any route, the ingress turns ready on the controller's first
+    // (empty) table: the quickstart's `helm install --wait` ends.
+    let start = Instant::now();
+    while http_get(running.admin, "/readyz").await.map(|r| r.0) != Some(200) {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "the ingress never became ready without routes\n{}",
+            logs(&dir)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let key = support::test_key();
     put_secret(
@@ -1518,25 +2540,99 @@ async fn the_charts_rbac_and_arguments_run_the_real_binaries_and_nothing_more() 
         ),
     )
     .await;
-    for name in ["sync", "queued"] {
-        let (client, shop) = (client.clone(), shop.clone());
+    // WeChat Pay APIv3 with a platform certificate (so that the certificate expiry metric is
+    // in the scrape the alerts are checked against).
+    let wechat_key = support::test_key();
+    let certificate = wechat_key.certificate(&[0x5A, 0x01, 0x02]).unwrap();
+    let api_v3_key = *b"0123456789abcdef0123456789abcdef";
+    put_secret(
+        &client,
+        &shop,
+        "wechat",
+        &[
+            ("api_v3_key", &api_v3_key),
+            ("platform.pem", certificate.as_bytes()),
+        ],
+    )
+    .await;
+    create_route(
+        &client,
+        &shop,
+        json!({
+            "apiVersion": "paynotify.dev/v1alpha1",
+            "kind": "PaymentNotifyRoute",
+            "metadata": {"name": "wechat"},
+            "spec": {
+                "path": format!("/notify/{shop}/wechat"),
+                "provider": {"wechatPayV3": {"mchId": "1900000001",
+                    "apiV3Key": {"secretKeyRef": {"name": "wechat", "key": "api_v3_key"}},
+                    "platformCertificates": [{"secretKeyRef": {"name": "wechat", "key": "platform.pem"}}]}},
+                "targets": [{"url": ok.url}],
+                "delivery": {"mode": "Synchronous", "timeout": "3s"},
+                "signing": {"secret": {"secretKeyRef": {"name": "webhook", "key": "secret"}}}
+            }
+        }),
+    )
+    .await;
+
+    // The README quickstart: the example namespace, Secrets and routes applied as they are,
+    // then its patch of one route to the log target.
+    let mut quick_routes = Vec::new();
+    for file in &quick.applied {
+        for obj in parse_documents(&std::fs::read_to_string(file).unwrap()) {
+            apply(&client, &ns, &obj, false)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            if obj["kind"] == "PaymentNotifyRoute" {
+                quick_routes.push((
+                    obj["metadata"]["namespace"].as_str().unwrap().to_string(),
+                    obj["metadata"]["name"].as_str().unwrap().to_string(),
+                ));
+            }
+        }
+    }
+    assert!(!quick_routes.is_empty(), "{:?}", quick.applied);
+    let (quick_ns, quick_name, quick_patch) = &quick.patched;
+    Api::<PaymentNotifyRoute>::namespaced(client.clone(), quick_ns)
+        .patch(
+            quick_name,
+            &PatchParams::default(),
+            &Patch::Merge(quick_patch),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the quickstart's patch: {e}"));
+
+    let mut all_routes = vec![
+        (shop.clone(), "sync".to_string()),
+        (shop.clone(), "queued".to_string()),
+        (shop.clone(), "wechat".to_string()),
+    ];
+    all_routes.extend(quick_routes.iter().cloned());
+    for (route_ns, name) in &all_routes {
         let start = Instant::now();
-        while !ready(&client, &shop, name).await {
+        while !ready(&client, route_ns, name).await {
             assert!(
                 start.elapsed() < Duration::from_secs(60),
-                "route {name} never became Ready with the chart's RBAC\n{}",
+                "route {route_ns}/{name} never became Ready with the chart's RBAC\n{}",
                 logs(&dir)
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    // Served: every route, and the patched one with its log target.
     let start = Instant::now();
     while http_get(running.admin, "/readyz").await.map(|r| r.0) != Some(200)
         || !http_get(running.admin, "/metrics")
             .await
             .is_some_and(|(_, m)| {
-                m.contains(&format!("route=\"{shop}/sync\""))
-                    && m.contains(&format!("route=\"{shop}/queued\""))
+                all_routes
+                    .iter()
+                    .all(|(n, r)| m.contains(&format!("route=\"{n}/{r}\"")))
+                    && m.lines().any(|l| {
+                        l.starts_with("paynotify_deliveries_total{")
+                            && l.contains(&format!("route=\"{quick_ns}/{quick_name}\""))
+                            && l.contains("target=\"log\"")
+                    })
             })
     {
         assert!(
@@ -1564,6 +2660,82 @@ async fn the_charts_rbac_and_arguments_run_the_real_binaries_and_nothing_more() 
     assert_eq!(
         post(running.port, "/notify/nowhere", b"x".to_vec()).await.0,
         404
+    );
+
+    // WeChat Pay APIv3, verified with the platform certificate picked by its serial.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (headers, body) = support::wechat_v3_request(
+        &wechat_key,
+        "5A0102",
+        &api_v3_key,
+        &support::v3_transaction("1900000001", "CHART-V3"),
+        "TRANSACTION.SUCCESS",
+        now,
+    );
+    let answer = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/notify/{shop}/wechat",
+            running.port
+        ))
+        .headers(headers)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 204, "{}", logs(&dir));
+    assert_eq!(ok.count(), 2);
+    let event = support::check_webhook(&ok.all()[1], WEBHOOK_SECRET);
+    assert_eq!(event["orderId"], "CHART-V3");
+
+    // The quickstart's signed sample, posted as its curl does: success, and the event in the
+    // ingress's log (its `kubectl logs … | grep`).
+    let (content_type, file, _, path) = &quick.posted;
+    let answer = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{}{path}", running.port))
+        .header("content-type", content_type)
+        .body(std::fs::read(file).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (answer.status().as_u16(), answer.text().await.unwrap()),
+        (200, "success".to_string()),
+        "{}",
+        logs(&dir)
+    );
+    let grep = &quick.logs.2;
+    let line = wait(
+        "the quickstart's event in the log",
+        Duration::from_secs(10),
+        || async {
+            std::fs::read_to_string(dir.join("ingress.log"))
+                .ok()?
+                .lines()
+                .find(|l| l.contains(grep.as_str()) && l.contains("DEMO-ORDER-0001"))
+                .map(str::to_string)
+        },
+    )
+    .await;
+    assert!(
+        line.contains(&quick.logged),
+        "{line}\nis not what the README shows:\n{}",
+        quick.logged
+    );
+    let (_, event) = line.split_once(&quick.logged).unwrap();
+    let event: Value = serde_json::from_str(event).expect("the logged event is JSON");
+    assert_eq!(event["route"], format!("{quick_ns}/{quick_name}"));
+    assert_eq!(event["orderId"], "DEMO-ORDER-0001");
+    let route = Api::<PaymentNotifyRoute>::namespaced(client.clone(), quick_ns)
+        .get(quick_name)
+        .await
+        .unwrap();
+    assert_eq!(
+        route.status.and_then(|s| s.callback_url).as_deref(),
+        Some(quick.callback_url.as_str()),
+        "the callback URL the quickstart shows"
     );
 
     // Queued on the embedded store (the chart's --store): acknowledged at once, retried,
@@ -1611,6 +2783,17 @@ async fn the_charts_rbac_and_arguments_run_the_real_binaries_and_nothing_more() 
             .then_some(m)
     })
     .await;
+    // The certificate's expiry (notAfter 2040-01-01), for the certificate alerts.
+    assert!(
+        ingress_metrics.lines().any(|l| {
+            l.starts_with("paynotify_certificate_not_after_timestamp_seconds{")
+                && l.contains(&format!("route=\"{shop}/wechat\""))
+                && l.contains("provider=\"wechatpay-v3\"")
+                && l.contains("serial=\"5A0102\"")
+                && l.ends_with(" 2208988800")
+        }),
+        "{ingress_metrics}"
+    );
     let (_, controller_metrics) = http_get(running.controller_admin, "/metrics")
         .await
         .unwrap();
