@@ -5,53 +5,17 @@
 //! valid PromQL. That every metric they use is one the binaries export is checked against
 //! real /metrics scrapes in tests/chart.rs.
 
+#[path = "support/helmtools.rs"]
+mod helmtools;
+use helmtools::helmtool;
+
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A tool built by scripts/helmtools.sh: `$var` if set, else the script's output (it builds
-/// the tools on the first run). Never skips: a missing tool is a failure.
-fn helmtool(var: &str) -> PathBuf {
-    static SCRIPT: OnceLock<Result<BTreeMap<String, String>, String>> = OnceLock::new();
-    let path = match std::env::var(var) {
-        Ok(p) if !p.is_empty() => PathBuf::from(p),
-        _ => {
-            let vars = SCRIPT.get_or_init(|| {
-                let out = Command::new("bash")
-                    .arg(repo().join("scripts/helmtools.sh"))
-                    .stderr(std::process::Stdio::inherit())
-                    .output()
-                    .map_err(|e| format!("cannot run scripts/helmtools.sh: {e}"))?;
-                if !out.status.success() {
-                    return Err(format!("scripts/helmtools.sh failed ({})", out.status));
-                }
-                Ok(String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter_map(|l| l.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect())
-            });
-            let vars = vars.as_ref().unwrap_or_else(|e| {
-                panic!("{var} is not set and {e}: run `bash scripts/helmtools.sh` and export what it prints")
-            });
-            PathBuf::from(
-                vars.get(var)
-                    .unwrap_or_else(|| panic!("scripts/helmtools.sh printed no {var}")),
-            )
-        }
-    };
-    assert!(
-        path.is_file(),
-        "{var}={} is not a file: run `bash scripts/helmtools.sh` and export what it prints",
-        path.display()
-    );
-    path
 }
 
 fn promtool(args: &[&str]) -> (bool, String) {

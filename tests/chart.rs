@@ -11,11 +11,14 @@
 
 #[path = "support/control_plane.rs"]
 mod control_plane;
+#[path = "support/helmtools.rs"]
+mod helmtools;
 #[path = "support/nats.rs"]
 #[allow(dead_code)] // the three-server cluster is for tests/jetstream.rs
 mod nats;
 mod support;
 
+use helmtools::helmtool;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
@@ -34,7 +37,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use support::{Downstream, WEBHOOK_SECRET};
 use tokio::sync::OnceCell;
@@ -48,45 +50,6 @@ fn repo() -> &'static Path {
 }
 
 // ------------------------------------------------------------------------------- tools
-
-/// A tool or path from scripts/helmtools.sh: `$var` if set, else the script's output (it
-/// builds the tools on the first run). Never skips: a missing tool is a failure.
-fn helmtool(var: &str) -> PathBuf {
-    static SCRIPT: OnceLock<Result<BTreeMap<String, String>, String>> = OnceLock::new();
-    let path = match std::env::var(var) {
-        Ok(p) if !p.is_empty() => PathBuf::from(p),
-        _ => {
-            let vars = SCRIPT.get_or_init(|| {
-                let out = Command::new("bash")
-                    .arg(repo().join("scripts/helmtools.sh"))
-                    .stderr(std::process::Stdio::inherit())
-                    .output()
-                    .map_err(|e| format!("cannot run scripts/helmtools.sh: {e}"))?;
-                if !out.status.success() {
-                    return Err(format!("scripts/helmtools.sh failed ({})", out.status));
-                }
-                Ok(String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .filter_map(|l| l.split_once('='))
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect())
-            });
-            let vars = vars.as_ref().unwrap_or_else(|e| {
-                panic!("{var} is not set and {e}: run `bash scripts/helmtools.sh` and export what it prints")
-            });
-            PathBuf::from(
-                vars.get(var)
-                    .unwrap_or_else(|| panic!("scripts/helmtools.sh printed no {var}")),
-            )
-        }
-    };
-    assert!(
-        path.exists(),
-        "{var}={} does not exist: run `bash scripts/helmtools.sh` and export what it prints",
-        path.display()
-    );
-    path
-}
 
 /// Runs helm with its own config, cache and data directories (nothing of the user's).
 fn helm(args: &[&str]) -> Result<String, String> {
@@ -1705,7 +1668,7 @@ fn the_dockerfile_builds_the_image_the_chart_runs() {
     }
     // Copy what the build stage's COPY lines take from the context into a directory, as
     // Docker would, and let Cargo load the workspace there.
-    let context = temp_dir("docker-context");
+    let context = support::temp_dir("chart", "docker-context");
     let in_context = |path: &str| {
         allowed
             .iter()
@@ -2091,14 +2054,6 @@ async fn helm_installs_upgrades_and_uninstalls_against_the_apiserver() {
 
 // ------------------------------------------------------------------------------- binaries
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A child process killed (SIGKILL) when dropped.
 struct Process(std::process::Child);
 
@@ -2348,7 +2303,11 @@ fn start_release(objs: &[Value], release: &str, ns: &str, dir: &Path) -> Running
         let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
         plane.user_kubeconfig(&user, &groups)
     };
-    let (port, admin, controller_admin) = (free_port(), free_port(), free_port());
+    let (port, admin, controller_admin) = (
+        support::free_port(),
+        support::free_port(),
+        support::free_port(),
+    );
     let controller = spawn_from_deployment(
         controller,
         &kubeconfig(controller),
@@ -2403,13 +2362,6 @@ async fn post(port: u16, path: &str, body: Vec<u8>) -> (u16, String) {
     (resp.status().as_u16(), resp.text().await.unwrap())
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("paynotify-chart-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// A user with exactly `rules` in `ns` (and a Lease of its own in `lease_ns`), for the
 /// controllers that must fail.
 async fn user_with(client: &Client, name: &str, rules: &[(&str, Value)]) -> PathBuf {
@@ -2439,7 +2391,7 @@ async fn failing_controller(
     dir: &Path,
     metric: &str,
 ) -> String {
-    let admin = free_port();
+    let admin = support::free_port();
     let log = std::fs::File::create(dir.join(format!("{lease}.log"))).unwrap();
     let _process = Process(
         Command::new(env!("CARGO_BIN_EXE_paynotify"))
@@ -2480,7 +2432,7 @@ async fn the_charts_rbac_and_arguments_run_the_real_binaries_and_nothing_more() 
     let client = admin().await;
     let ns = control_plane::unique_namespace("chart-run").await;
     let shop = control_plane::unique_namespace("chart-run-shop").await;
-    let dir = temp_dir("run");
+    let dir = support::temp_dir("chart", "run");
     // The README quickstart's values, and replay on the admin port.
     let quick = quickstart();
     let mut sets: Vec<&str> = quick.sets.iter().map(String::as_str).collect();
@@ -3103,7 +3055,7 @@ async fn the_charts_nats_arguments_run_the_real_ingress_on_jetstream() {
     let server = nats::NatsServer::start("chart");
     let ns = control_plane::unique_namespace("chart-nats").await;
     let shop = control_plane::unique_namespace("chart-nats-shop").await;
-    let dir = temp_dir("nats");
+    let dir = support::temp_dir("chart", "nats");
     let url = format!("store.nats.url={}", server.url);
     let watch = format!("controller.watchNamespaces={{{shop}}}");
     let objs = install_release(

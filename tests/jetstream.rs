@@ -15,24 +15,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{Downstream, TestKey, WEBHOOK_SECRET};
+use support::{Downstream, TestKey, WEBHOOK_SECRET, free_port, temp_dir, wait};
 
 const APP_ID: &str = "2021000000000001";
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("paynotify-js-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// One `paynotify serve` process with a Queued Alipay route at /q on the JetStream store.
 struct Replica {
@@ -169,17 +154,6 @@ async fn until_ready(client: &reqwest::Client, key: &TestKey, replicas: &[&Repli
     }
 }
 
-async fn wait<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Successful deliveries per order id (the warm-up excluded).
 fn delivered_orders(downstream: &Downstream) -> HashMap<String, usize> {
     let mut out = HashMap::new();
@@ -197,7 +171,7 @@ async fn a_notification_resent_to_another_replica_is_delivered_once() {
     let server = NatsServer::start("dedup");
     let key = support::test_key();
     let downstream = Downstream::start().await;
-    let dir = temp_dir("dedup");
+    let dir = temp_dir("js", "dedup");
     let a = Replica::start(&dir, "a", &key, &server.url, &downstream.url, &["200ms"; 3]);
     let b = Replica::start(&dir, "b", &key, &server.url, &downstream.url, &["200ms"; 3]);
     let client = reqwest::Client::new();
@@ -245,7 +219,7 @@ async fn killing_one_replica_loses_nothing() {
     let key = Arc::new(support::test_key());
     let downstream = Downstream::start().await;
     downstream.behaviour.lock().unwrap().fail_every = Some(3);
-    let dir = temp_dir("kill");
+    let dir = temp_dir("js", "kill");
     let schedule = ["100ms", "200ms", "400ms", "800ms", "1s", "1s", "1s", "1s"];
     let mut a = Replica::start(&dir, "a", &key, &server.url, &downstream.url, &schedule);
     let b = Replica::start(&dir, "b", &key, &server.url, &downstream.url, &schedule);
@@ -307,7 +281,7 @@ async fn nats_stopped_gets_the_failure_answer_and_a_metric() {
     let mut server = NatsServer::start("stopped");
     let key = support::test_key();
     let downstream = Downstream::start().await;
-    let dir = temp_dir("stopped");
+    let dir = temp_dir("js", "stopped");
     let a = Replica::start(&dir, "a", &key, &server.url, &downstream.url, &["200ms"; 3]);
     let client = reqwest::Client::new();
     until_ready(&client, &key, &[&a]).await;
@@ -374,7 +348,7 @@ async fn dead_letters_reach_the_dead_letter_stream_and_replay_delivers_them() {
     let server = NatsServer::start("dead");
     let key = support::test_key();
     let downstream = Downstream::start().await;
-    let dir = temp_dir("dead");
+    let dir = temp_dir("js", "dead");
     let a = Replica::start(
         &dir,
         "a",
@@ -476,7 +450,7 @@ async fn events_of_one_order_keep_their_order_across_replicas() {
     let downstream = Downstream::start().await;
     // Every third request fails: retries reorder everything that is allowed to reorder.
     downstream.behaviour.lock().unwrap().fail_every = Some(3);
-    let dir = temp_dir("order");
+    let dir = temp_dir("js", "order");
     let a = Replica::start(&dir, "a", &key, &server.url, &downstream.url, &["50ms"; 10]);
     let b = Replica::start(&dir, "b", &key, &server.url, &downstream.url, &["50ms"; 10]);
     let client = reqwest::Client::new();
@@ -517,24 +491,7 @@ async fn events_of_one_order_keep_their_order_across_replicas() {
         (kinds.len() >= 2 * orders).then_some(ok)
     })
     .await;
-    let mut first_seen: HashMap<(String, String), usize> = HashMap::new();
-    for (i, e) in delivered.iter().enumerate() {
-        first_seen
-            .entry((
-                e["orderId"].as_str().unwrap().to_string(),
-                e["type"].as_str().unwrap().to_string(),
-            ))
-            .or_insert(i);
-    }
-    for i in 0..orders {
-        let order = format!("ORD-{i}");
-        let pay = first_seen[&(order.clone(), "payment.succeeded".into())];
-        let refund = first_seen[&(order, "refund.succeeded".into())];
-        assert!(
-            pay < refund,
-            "order ORD-{i}: the refund overtook its payment"
-        );
-    }
+    support::assert_payments_before_refunds(&delivered, "ORD-", orders);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -544,7 +501,7 @@ async fn a_stream_replicated_on_three_servers_survives_losing_one() {
     let urls: Vec<String> = servers.iter().map(|s| s.url.clone()).collect();
     let key = Arc::new(support::test_key());
     let downstream = Downstream::start().await;
-    let dir = temp_dir("r3");
+    let dir = temp_dir("js", "r3");
     let a = Replica::start_replicated(
         &dir,
         "a",

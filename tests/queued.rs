@@ -8,20 +8,13 @@ use paynotify::delivery::queue::{self, Backend, Queue};
 use paynotify::delivery::store::{Selector, Store};
 use paynotify::ingress::Ingress;
 use serde_json::{Value, json};
-use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::{Downstream, TestKey, WEBHOOK_SECRET};
+use support::{Downstream, TestKey, WEBHOOK_SECRET, temp_dir, wait};
 
 const APP_ID: &str = "2021000000000001";
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("paynotify-queued-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 /// An in-process ingress with one Queued Alipay route at /q and its dispatcher running.
 fn queued_ingress(
@@ -58,23 +51,12 @@ async fn post(ingress: &Arc<Ingress>, body: Vec<u8>) -> (u16, String) {
     support::send(&ingress.router(), "/q", &http::HeaderMap::new(), body).await
 }
 
-async fn wait<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_before_delivery_and_retried_on_schedule_through_an_outage() {
     let key = support::test_key();
     let downstream = Downstream::start().await;
     downstream.set_status(503);
-    let dir = temp_dir("outage");
+    let dir = temp_dir("queued", "outage");
     let (ingress, queue) = queued_ingress(
         &key,
         &downstream.url,
@@ -149,7 +131,7 @@ async fn dead_letters_after_the_last_attempt_and_replay_delivers_them() {
     let key = support::test_key();
     let downstream = Downstream::start().await;
     downstream.set_status(500);
-    let dir = temp_dir("dead");
+    let dir = temp_dir("queued", "dead");
     let store_path = dir.join("q.db");
     let (ingress, queue) = queued_ingress(
         &key,
@@ -291,7 +273,7 @@ async fn retry_after_is_honoured() {
     let downstream = Downstream::start().await;
     downstream.set_status(429);
     downstream.behaviour.lock().unwrap().retry_after = Some(1);
-    let dir = temp_dir("retry-after");
+    let dir = temp_dir("queued", "retry-after");
     let (ingress, _queue) = queued_ingress(
         &key,
         &downstream.url,
@@ -323,7 +305,7 @@ async fn events_of_one_order_are_delivered_in_the_order_received_under_load() {
     let downstream = Downstream::start().await;
     // Every third request fails: retries reorder everything that is allowed to reorder.
     downstream.behaviour.lock().unwrap().fail_every = Some(3);
-    let dir = temp_dir("order");
+    let dir = temp_dir("queued", "order");
     let (ingress, _queue) = queued_ingress(
         &key,
         &downstream.url,
@@ -353,24 +335,7 @@ async fn events_of_one_order_are_delivered_in_the_order_received_under_load() {
         (ok.len() >= 2 * orders).then_some(ok)
     })
     .await;
-    let mut first_seen: HashMap<(String, String), usize> = HashMap::new();
-    for (i, e) in delivered.iter().enumerate() {
-        first_seen
-            .entry((
-                e["orderId"].as_str().unwrap().to_string(),
-                e["type"].as_str().unwrap().to_string(),
-            ))
-            .or_insert(i);
-    }
-    for i in 0..orders {
-        let order = format!("ORD-{i}");
-        let pay = first_seen[&(order.clone(), "payment.succeeded".into())];
-        let refund = first_seen[&(order, "refund.succeeded".into())];
-        assert!(
-            pay < refund,
-            "order ORD-{i}: the refund overtook its payment"
-        );
-    }
+    support::assert_payments_before_refunds(&delivered, "ORD-", orders);
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -379,7 +344,7 @@ async fn a_full_store_gets_the_failure_answer_and_a_metric() {
     let key = support::test_key();
     let downstream = Downstream::start().await;
     downstream.set_status(503);
-    let dir = temp_dir("full");
+    let dir = temp_dir("queued", "full");
     let (ingress, _queue) =
         queued_ingress(&key, &downstream.url, &["1h"], &dir.join("q.db"), 64 * 1024);
     let mut answered = Vec::new();
@@ -415,7 +380,7 @@ async fn no_acknowledged_notification_is_lost_when_the_process_is_killed() {
     let key = Arc::new(support::test_key());
     let downstream = Downstream::start().await;
     downstream.behaviour.lock().unwrap().fail_every = Some(3);
-    let dir = temp_dir("crash");
+    let dir = temp_dir("queued", "crash");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

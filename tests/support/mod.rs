@@ -335,3 +335,56 @@ pub fn wechat_v3_request(
 pub fn v3_transaction(mch_id: &str, order: &str) -> Value {
     paynotify::signer::wechat_v3_transaction(mch_id, order)
 }
+
+/// A port that was free a moment ago on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fresh, empty directory `paynotify-<kind>-<name>-<pid>` under the system temp dir.
+pub fn temp_dir(kind: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("paynotify-{kind}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Polls `check` every 20 ms until it yields a value; fails the test after `limit`.
+pub async fn wait<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Asserts that for each order `<prefix><i>`, `i < orders`, the first successful delivery of
+/// its payment came before the first of its refund (`delivered` in arrival order).
+pub fn assert_payments_before_refunds(delivered: &[Value], prefix: &str, orders: usize) {
+    let mut first_seen: std::collections::HashMap<(String, String), usize> =
+        std::collections::HashMap::new();
+    for (i, e) in delivered.iter().enumerate() {
+        first_seen
+            .entry((
+                e["orderId"].as_str().unwrap().to_string(),
+                e["type"].as_str().unwrap().to_string(),
+            ))
+            .or_insert(i);
+    }
+    for i in 0..orders {
+        let order = format!("{prefix}{i}");
+        let pay = first_seen[&(order.clone(), "payment.succeeded".into())];
+        let refund = first_seen[&(order, "refund.succeeded".into())];
+        assert!(
+            pay < refund,
+            "order {prefix}{i}: the refund overtook its payment"
+        );
+    }
+}

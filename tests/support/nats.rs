@@ -4,6 +4,7 @@
 //! The binary comes from `PAYNOTIFY_NATS_SERVER` (scripts/kubebins.sh builds it); without it
 //! the test fails, it is never skipped.
 
+use crate::support::free_port;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -31,14 +32,6 @@ fn binary() -> PathBuf {
         path.display()
     );
     path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl NatsServer {
